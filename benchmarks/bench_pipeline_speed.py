@@ -1,0 +1,110 @@
+"""Speed ratios of the pipeline against bare loops of the same network, measured side by side in one run.
+
+1. pair generation (lmm.data.pairs.make_pairs with the teacher's solver) against the teacher network's bare
+   batched forward throughput divided by the solver's NFE;
+2. student training (lmm.train.train on a pair store: data, objective, clipping, EMA, logging, checkpoint)
+   against a bare forward-backward-AdamW loop of the same network on tensors already in memory;
+3. student sampling at NFE 1 against teacher sampling with its solver (same batch, same network size).
+
+Networks are freshly initialised (speed does not depend on the weights).
+Usage: python benchmarks/bench_pipeline_speed.py [-c CONFIG] [KEY=VALUE ...] [--pairs N] [--steps N]
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from lmm.config import load_config
+from lmm.data.pairs import PairSource, make_pairs
+from lmm.models import build_model, student_objective, teacher_objective
+from lmm.pipeline import teacher_sampler
+from lmm.sampling import sample_lines
+from lmm.solvers import expected_nfe
+from lmm.teachers import build_teacher
+from lmm.teachers.base import sample_teacher
+from lmm.train import train
+
+
+def rate(fn, n_items: int, repeats: int) -> float:
+    """Items per second of fn() (after one warm-up call), best of `repeats`."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return n_items / best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-c", "--config", type=Path, default=None, help="preset (default: embedded digits)")
+    parser.add_argument("overrides", nargs="*", help="config overrides KEY=VALUE")
+    parser.add_argument("--pairs", type=int, default=2048, help="pairs to generate (default 2048)")
+    parser.add_argument("--steps", type=int, default=60, help="training steps timed (default 60)")
+    parser.add_argument("--repeats", type=int, default=3, help="repeats of each bare measurement (default 3)")
+    args = parser.parse_args()
+    cfg = load_config(args.config, args.overrides)
+    t, s = cfg["teacher"], cfg["student"]
+    shape = (1, 8, 8) if cfg["data"]["name"] == "digits" else (1, 28, 28)
+    torch.manual_seed(0)
+    teacher_model = build_model(teacher_objective(t), t["net"], shape, 0).eval()
+    teacher = build_teacher(t["kind"], teacher_model, sigma_min=t["sigma_min"], sigma_max=t["sigma_max"], rho=t["rho"])
+    nfe = expected_nfe(t["solver"], t["steps"], teacher.singular_end)
+    b = cfg["pairs"]["batch_size"]
+    rows = []
+
+    with torch.no_grad():
+        x, sigma = torch.randn(b, *shape), torch.full((b,), 1.0)
+        fwd = rate(lambda: teacher_model(x, sigma), b, args.repeats)
+    with tempfile.TemporaryDirectory() as tmp:
+        store = Path(tmp) / "pairs"
+        gen = teacher_sampler(teacher, t["solver"], t["steps"], bf16=False)
+        start = time.perf_counter()
+        make_pairs(store, gen, n_pairs=args.pairs, shard_size=min(args.pairs, cfg["pairs"]["shard_size"]),
+                   data_shape=shape, num_classes=0, seed=0, meta={"bench": True}, batch_size=b, progress=False)
+        pairs_rate = args.pairs / (time.perf_counter() - start)
+        rows.append(("pair generation (pairs/s)", pairs_rate, fwd / nfe, f"bare forward {fwd:.0f}/s / NFE {nfe}"))
+
+        objective = student_objective(s)
+        bs = s["train"]["batch_size"]
+        student = build_model(objective, s["net"], shape, 0)
+        opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
+        xt, tt, target = torch.randn(bs, *shape), torch.rand(bs), torch.randn(bs, *shape)
+
+        def bare_step() -> None:
+            loss = (student(xt, tt) - target).square().mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        bare = rate(lambda: [bare_step() for _ in range(10)], 10 * bs, args.repeats)
+        source = PairSource(store, seed=0)
+        kw = dict(batch_size=bs, lr=1e-4, ema_halflife=s["train"]["ema_halflife"], warmup_steps=0,
+                  grad_clip=s["train"]["grad_clip"], bf16=False, seed=0, log_every=s["train"]["log_every"],
+                  meta={"bench": True}, device="cpu", progress=False)
+        train(student, objective, source, run_dir=Path(tmp) / "warm", steps=5, ckpt_every=5, **kw)
+        start = time.perf_counter()
+        train(student, objective, source, run_dir=Path(tmp) / "student", steps=args.steps, ckpt_every=args.steps, **kw)
+        loop = args.steps * bs / (time.perf_counter() - start)
+        rows.append(("student training (samples/s)", loop, bare, "bare forward-backward-AdamW loop"))
+
+    student.eval()
+    z = torch.randn(b, *shape)
+    student_rate = rate(lambda: sample_lines(student, z, [0.0]), b, args.repeats)
+    teacher_rate = rate(lambda: sample_teacher(teacher, z, t["steps"], t["solver"]), b, args.repeats)
+    rows.append(("student NFE 1 sampling (samples/s)", student_rate, teacher_rate * nfe,
+                 f"teacher {t['solver']} NFE {nfe}: {teacher_rate:.0f}/s, x NFE"))
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, teacher net {t['net']}, batch {b}\n")
+    print("| measurement | lmm | reference | ratio | reference is |\n|---|---|---|---|---|")
+    for name, ours, ref, what in rows:
+        print(f"| {name} | {ours:.0f} | {ref:.0f} | {ours / ref:.2f} | {what} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,188 @@
+"""Run configuration: one nested dict per run, read from a TOML preset and `key.sub=value` overrides.
+
+Every valid key and its default is in `DEFAULTS`; a preset or an override that names any other key is
+an error that lists the valid ones. Tables named `net` are replaced whole by a preset and updated key by
+key by overrides; their keys depend on the network kind and are checked by `lmm.nets.build_net`.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+# The embedded defaults are the digits demo preset, sized for about 10 minutes on 2 CPU cores.
+_TRAIN = {
+    "steps": 800,
+    "batch_size": 128,
+    "lr": 2e-3,
+    "ema_halflife": 20_000.0,
+    "warmup_steps": 200,
+    "grad_clip": 1.0,
+    "ckpt_every": 300,
+    "log_every": 50,
+}
+_UNET = {
+    "kind": "unet",
+    "channels": 32,
+    "channel_mult": [1, 2],
+    "num_blocks": 1,
+    "attn_resolutions": [],
+    "dropout": 0.0,
+    "embedding": "positional",
+}
+
+DEFAULTS: dict[str, Any] = {
+    "run": {
+        "dir": "runs/demo",
+        "seed": 0,
+        "device": "auto",
+        "bf16": False,
+        "progress": True,
+    },
+    "data": {
+        "name": "digits",
+        "root": "",
+        "split": "train",
+        "toy": "moons",
+        "n": 0,
+        "resolution": 0,
+        "channels": 0,
+        "conditional": False,
+    },
+    "teacher": {
+        "kind": "edm",
+        "solver": "heun",
+        "steps": 12,
+        "sigma_min": 0.002,
+        "sigma_max": 80.0,
+        "rho": 7.0,
+        "sigma_data": 0.5,
+        "P_mean": -1.2,
+        "P_std": 1.2,
+        "net": dict(_UNET),
+        "train": dict(_TRAIN),
+    },
+    "pairs": {
+        "n": 6144,
+        "shard_size": 1024,
+        "batch_size": 512,
+        "dtype": "float32",
+        "seed": 1,
+        "repair": False,
+    },
+    "student": {
+        "init": "teacher",
+        "distance": "l2",
+        "time_sampling": "grid",
+        "grid": [0.0, 0.5],
+        "weighting": "none",
+        "logit_mean": 0.0,
+        "logit_std": 1.0,
+        "precond": True,
+        "sigma_data": 0.5,
+        "window": 4,
+        "net": dict(_UNET),
+        "train": {**_TRAIN, "steps": 650},
+    },
+    "eval": {
+        "features": "pixel",
+        "n": 1797,
+        "batch_size": 600,
+        "seed": 12345,
+        "teacher_nfe": [1, 2, 4],
+        "student_nfe": [1, 2],
+    },
+}
+
+REPLACED_WHOLE = {"net"}
+
+
+class ConfigError(ValueError):
+    """A config file or override names an unknown key or has a value of the wrong type."""
+
+
+def _merge(base: dict, update: dict, where: str, source: str, preset: bool, free: bool = False) -> None:
+    """Update `base` in place. A preset replaces `net` tables whole; an override updates them (`free`: any key)."""
+    for key, value in update.items():
+        path = f"{where}.{key}" if where else key
+        if free:
+            base[key] = value
+            continue
+        if key not in base:
+            valid = ", ".join(sorted(base))
+            raise ConfigError(f"{source}: unknown key '{path}'; valid keys here: {valid}")
+        if isinstance(base[key], dict):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: '{path}' must be a table, got {value!r}")
+            if key in REPLACED_WHOLE and preset:
+                base[key] = copy.deepcopy(value)
+            else:
+                _merge(base[key], value, path, source, preset, free=key in REPLACED_WHOLE)
+        else:
+            base[key] = _coerce(base[key], value, path, source)
+
+
+def _coerce(default: Any, value: Any, path: str, source: str) -> Any:
+    if isinstance(default, bool) or default is None:
+        ok = isinstance(value, bool) or default is None
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, list):
+        ok = isinstance(value, list)
+    else:
+        ok = isinstance(value, str)
+    if not ok:
+        raise ConfigError(f"{source}: '{path}' expects {type(default).__name__}, got {value!r}")
+    return value
+
+
+def parse_override(text: str) -> dict:
+    """`a.b.c=value` -> {"a": {"b": {"c": value}}}; value is read as a TOML value, else a string."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form key.sub=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    out: dict = {}
+    node = out
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> dict:
+    """DEFAULTS, updated by the TOML file at `path` (if any), then by each `key=value` override."""
+    cfg = copy.deepcopy(DEFAULTS)
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"{path}: not valid TOML: {err}") from err
+        _merge(cfg, data, "", str(path), preset=True)
+    for text in overrides:
+        _merge(cfg, parse_override(text), "", f"override '{text}'", preset=False)
+    return cfg
+
+
+def flat_keys(cfg: dict, prefix: str = "") -> list[tuple[str, Any]]:
+    """[("teacher.train.lr", 0.002), ...] for help texts and reports."""
+    rows = []
+    for key, value in cfg.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            rows += flat_keys(value, path + ".")
+        else:
+            rows.append((path, value))
+    return rows

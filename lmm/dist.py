@@ -1,0 +1,122 @@
+"""torchrun / DDP helpers; every function is a no-op in a single process launched without torchrun."""
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+
+
+class DistInfo(NamedTuple):
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def resolve_device(device: str | torch.device, local_rank: int = 0) -> torch.device:
+    """'auto' -> cuda:local_rank if CUDA is available else cpu; 'cuda' -> cuda:local_rank; others as given."""
+    if isinstance(device, str) and device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"device '{device}' requested but CUDA is not available; use device 'cpu' or 'auto'")
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
+    return device
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def init_distributed(device: str | torch.device = "auto", timeout_s: float = 1800.0) -> DistInfo:
+    """Read torchrun's RANK / WORLD_SIZE / LOCAL_RANK and join the process group (nccl on CUDA, gloo on CPU).
+
+    Idempotent: later calls return the same ranks. Without those variables: rank 0 of a world of 1.
+    """
+    local_rank = _env_int("LOCAL_RANK", 0)
+    dev = resolve_device(device, local_rank)
+    if is_initialized():
+        return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dev)
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return DistInfo(0, 1, 0, dev)
+    rank, world = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    backend = "nccl" if dev.type == "cuda" else "gloo"
+    dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
+    return DistInfo(rank, world, local_rank, dev)
+
+
+def rank() -> int:
+    return dist.get_rank() if is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_initialized() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if is_initialized():
+        dist.barrier()
+
+
+def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    """Mean of a floating tensor over ranks (a new tensor; the input is unchanged)."""
+    out = t.detach().clone()
+    if not is_initialized():
+        return out
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out / dist.get_world_size()
+
+
+def all_reduce_min(t: torch.Tensor) -> torch.Tensor:
+    """Elementwise minimum over ranks (a new tensor)."""
+    out = t.detach().clone()
+    if is_initialized():
+        dist.all_reduce(out, op=dist.ReduceOp.MIN)
+    return out
+
+
+def all_gather_tensor(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's t along dim 0, in rank order; dim-0 sizes may differ between ranks.
+
+    t: (N_r, ...) with equal trailing shape on every rank -> (sum_r N_r, ...).
+    """
+    if not is_initialized():
+        return t
+    world = dist.get_world_size()
+    size = torch.tensor([t.shape[0]], dtype=torch.int64, device=t.device)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size)
+    counts = [int(s.item()) for s in sizes]
+    longest = max(counts)
+    padded = t.new_zeros((longest, *t.shape[1:]))
+    padded[: t.shape[0]] = t
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded.contiguous())
+    return torch.cat([p[:n] for p, n in zip(parts, counts)])
+
+
+def cleanup() -> None:
+    """Leave the process group (call once, at the end of the program)."""
+    if is_initialized():
+        dist.destroy_process_group()

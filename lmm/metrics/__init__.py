@@ -1,0 +1,24 @@
+"""Evaluation metrics: Frechet distances (FID / proxy / pixel), precision-recall, straightness."""
+
+from lmm.metrics.features import (
+                                  EXTRACTORS,
+                                  FeatureExtractor,
+                                  InceptionFeatures,
+                                  PixelFeatures,
+                                  ProxyFeatures,
+                                  get_extractor,
+)
+from lmm.metrics.frechet import FeatureStats, frechet_distance, frechet_distance_stats
+from lmm.metrics.prdc import precision_recall
+from lmm.metrics.reference import (
+                                  compute_stats,
+                                  hash_images,
+                                  load_stats,
+                                  read_meta,
+                                  save_stats,
+)
+from lmm.metrics.straightness import endpoint_spread, straightness
+
+__all__ = ["EXTRACTORS", "FeatureExtractor", "FeatureStats", "InceptionFeatures", "PixelFeatures", "ProxyFeatures",
+           "compute_stats", "endpoint_spread", "frechet_distance", "frechet_distance_stats", "get_extractor",
+           "hash_images", "load_stats", "precision_recall", "read_meta", "save_stats", "straightness"]

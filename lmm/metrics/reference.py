@@ -1,0 +1,83 @@
+"""Reference feature statistics: compute, cache to .npz (atomically), and load with provenance checks."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+from torch import Tensor
+
+from lmm.io import atomic_path
+from lmm.metrics.features import FeatureExtractor
+from lmm.metrics.frechet import FeatureStats
+
+FORMAT_VERSION = 1
+
+
+def hash_images(images: Tensor | np.ndarray) -> str:
+    """sha256 of uint8 images (N, H, W, C): the shape as text, then the raw bytes in C order."""
+    arr = images.detach().cpu().numpy() if isinstance(images, Tensor) else np.asarray(images)
+    if arr.dtype != np.uint8:
+        raise TypeError(f"hash_images: images must be uint8, got dtype {arr.dtype}")
+    h = hashlib.sha256(f"uint8{tuple(arr.shape)}".encode())
+    h.update(np.ascontiguousarray(arr).tobytes())
+    return h.hexdigest()
+
+
+def compute_stats(extractor: FeatureExtractor, images: Tensor | np.ndarray, *,
+                  keep_features: bool = False) -> FeatureStats:
+    """Feature statistics of uint8 images (N, H, W, C), streamed one extractor batch at a time."""
+    stats = FeatureStats(dim=None, keep_features=keep_features)
+    for feats in extractor.iter_features(images):
+        stats.add(feats)
+    return stats
+
+
+def _identity(extractor: FeatureExtractor) -> dict[str, str]:
+    return {"extractor": extractor.name, "spec": extractor.spec, "network_hash": extractor.file_hash}
+
+
+def save_stats(path: str | Path, stats: FeatureStats, meta: dict, *, extractor: FeatureExtractor,
+               data_hash: str) -> None:
+    """Write stats (+ features if kept) with extractor identity, data hash and ``meta`` (JSON) to .npz atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {"mu": stats.mu, "sigma": stats.sigma, "n": np.int64(stats.n),
+              "format": np.int64(FORMAT_VERSION), "data_hash": np.str_(data_hash),
+              "meta": np.str_(json.dumps(meta, sort_keys=True))}
+    arrays.update({k: np.str_(v) for k, v in _identity(extractor).items()})
+    if stats.features is not None:
+        arrays["features"] = stats.features.numpy()
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def read_meta(path: str | Path) -> dict:
+    """The ``meta`` dict stored in a stats cache, plus its identity fields."""
+    with np.load(path, allow_pickle=False) as z:
+        out = json.loads(str(z["meta"]))
+        out.update({k: str(z[k]) for k in ("extractor", "spec", "network_hash", "data_hash")})
+        out["n"] = int(z["n"])
+    return out
+
+
+def load_stats(path: str | Path, extractor: FeatureExtractor, data_hash: str | None = None) -> FeatureStats:
+    """Load a cache, refusing (ValueError naming file and field) one made by another extractor,
+    network file, preprocessing or (when ``data_hash`` is given) other data."""
+    path = Path(path)
+    with np.load(path, allow_pickle=False) as z:
+        if "format" not in z or int(z["format"]) != FORMAT_VERSION:
+            raise ValueError(f"{path}: field 'format' is missing or not {FORMAT_VERSION}; "
+                             "recompute the reference stats")
+        expected = _identity(extractor)
+        if data_hash is not None:
+            expected["data_hash"] = data_hash
+        for field, want in expected.items():
+            got = str(z[field])
+            if got != want:
+                raise ValueError(f"{path}: field '{field}' is {got!r} but the current run has {want!r}; "
+                                 "the cache was made with another extractor/network/data: delete it or recompute")
+        features = z["features"] if "features" in z else None
+        return FeatureStats.from_moments(z["mu"], z["sigma"], int(z["n"]), features=features)

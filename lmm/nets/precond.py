@@ -1,0 +1,112 @@
+"""Preconditioning wrappers: they turn a raw network F(x, noise_label, class_labels) into a model.
+
+Every wrapper holds `.net` (the raw F) and exposes `.data_shape` / `.num_classes` of that net
+(None / 0 when the net does not define them).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+def batch_times(t: Tensor | float, x: Tensor) -> Tensor:
+    """A scalar or (B,) time as a float32 (B,) tensor on x's device."""
+    t = torch.as_tensor(t, dtype=torch.float32, device=x.device)
+    if t.ndim == 0:
+        return t.expand(x.shape[0])
+    if t.shape != (x.shape[0],):
+        raise ValueError(f"time has shape {tuple(t.shape)}; expected a scalar or ({x.shape[0]},)")
+    return t
+
+
+def _bcast(c: Tensor, x: Tensor) -> Tensor:
+    """(B,) coefficient reshaped to broadcast against x (B, ...)."""
+    return c.reshape(-1, *([1] * (x.ndim - 1)))
+
+
+def lines_coefficients(t: Tensor, sigma_data: float = 0.5) -> tuple[Tensor, Tensor, Tensor]:
+    """(c_skip, c_out, c_in) of the line path x_t = (1-t) z + t x1, each shaped like t.
+
+    var(t) = (1-t)^2 + t^2 sd^2, c_skip = t sd^2 / var, c_out = sd (1-t) / sqrt(var), c_in = 1 / sqrt(var).
+    """
+    sd2 = sigma_data**2
+    var = (1 - t) ** 2 + t**2 * sd2
+    return t * sd2 / var, sigma_data * (1 - t) / var.sqrt(), var.rsqrt()
+
+
+def edm_coefficients(sigma: Tensor, sigma_data: float = 0.5) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(c_skip, c_out, c_in, c_noise) of EDM (Karras et al. 2022, table 1), each shaped like sigma."""
+    sd2 = sigma_data**2
+    var = sigma**2 + sd2
+    return sd2 / var, sigma * sigma_data / var.sqrt(), var.rsqrt(), sigma.log() / 4
+
+
+class _Wrapper(nn.Module):
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    @property
+    def data_shape(self) -> tuple[int, ...] | None:
+        shape = getattr(self.net, "data_shape", None)
+        return None if shape is None else tuple(shape)
+
+    @property
+    def num_classes(self) -> int:
+        return int(getattr(self.net, "num_classes", 0) or 0)
+
+
+class VelocityModel(_Wrapper):
+    """Flow-matching velocity: v(x, t) = F(x, 1000 t, y); x (B, ...), t (B,) in [0, 1]."""
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        return self.net(x, 1000 * batch_times(t, x), y)
+
+
+class EDMDenoiser(_Wrapper):
+    """EDM denoiser D(x; sigma) = c_skip x + c_out F(c_in x, ln(sigma)/4, y); x (B, ...), sigma (B,)."""
+
+    def __init__(self, net: nn.Module, sigma_data: float = 0.5) -> None:
+        super().__init__(net)
+        self.sigma_data = float(sigma_data)
+
+    def forward(self, x: Tensor, sigma: Tensor, y: Tensor | None = None) -> Tensor:
+        sigma = batch_times(sigma, x)
+        c_skip, c_out, c_in, c_noise = edm_coefficients(sigma, self.sigma_data)
+        return _bcast(c_skip, x) * x + _bcast(c_out, x) * self.net(_bcast(c_in, x) * x, c_noise, y)
+
+
+class LinesModel(_Wrapper):
+    """Endpoint predictor x1_hat = N(x_t, t, y) on the line x_t = (1-t) z + t x1; x_t (B, ...), t (B,).
+
+    With precond: x1_hat = c_skip(t) x_t + c_out(t) F(c_in(t) x_t, 1000 t, y) (see `lines_coefficients`;
+    c_skip(1) = 1, c_out(1) = 0, so the data end is exact). Without: x1_hat = F(x_t, 1000 t, y).
+    """
+
+    def __init__(self, net: nn.Module, sigma_data: float = 0.5, precond: bool = True) -> None:
+        super().__init__(net)
+        self.sigma_data = float(sigma_data)
+        self.precond = bool(precond)
+
+    def forward(self, x_t: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        t = batch_times(t, x_t)
+        if not self.precond:
+            return self.net(x_t, 1000 * t, y)
+        c_skip, c_out, c_in = lines_coefficients(t, self.sigma_data)
+        out = self.net(_bcast(c_in, x_t) * x_t, 1000 * t, y)
+        return _bcast(c_skip, x_t) * x_t + _bcast(c_out, x_t) * out
+
+    def velocity(self, x_t: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        """Implied velocity (x1_hat - x_t) / (1 - t), (B, ...); undefined at t = 1."""
+        t = batch_times(t, x_t)
+        return (self(x_t, t, y) - x_t) / _bcast(1 - t, x_t)
+
+
+__all__ = [
+    "EDMDenoiser",
+    "LinesModel",
+    "VelocityModel",
+    "batch_times",
+    "edm_coefficients",
+    "lines_coefficients",
+]

@@ -1,0 +1,219 @@
+"""The pipeline's stages as functions of one run config: teacher -> pairs -> student -> samples -> metrics.
+
+Each stage reads what the previous one wrote under `run.dir` (or an explicit path) and writes its own
+folder there; each is safe to rerun (training and pair generation resume where they stopped).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from lmm import dist
+from lmm.data.datasets import ImageData, TensorSource, load_dataset
+from lmm.data.images import save_image_grid, to_uint8
+from lmm.data.pairs import PairSource, make_pairs, open_pairs
+from lmm.io import atomic_path, file_sha256, save_json
+from lmm.models import (
+    build_model,
+    load_model,
+    model_meta,
+    student_objective,
+    teacher_objective,
+)
+from lmm.sampling import default_grid, sample_lines
+from lmm.solvers import expected_nfe
+from lmm.teachers import Teacher
+from lmm.teachers.base import sample_teacher
+from lmm.train import train
+
+
+def run_dir(cfg: dict) -> Path:
+    return Path(cfg["run"]["dir"])
+
+
+def load_data(cfg: dict) -> ImageData:
+    d = cfg["data"]
+    kw: dict[str, Any] = {"split": d["split"]} if d["name"] == "fashion_mnist" else {}
+    if d["name"] == "toy":
+        kw = {"kind": d["toy"], "n": d["n"] or 20_000, "seed": cfg["run"]["seed"]}
+    elif d["name"] == "image_folder":
+        kw = {"resolution": d["resolution"], "channels": d["channels"] or 3, "labels": d["conditional"]}
+    data = load_dataset(d["name"], root=d["root"] or None, **kw)
+    if d["n"] and d["name"] != "toy":
+        data = ImageData(data.x[: d["n"]], None if data.y is None else data.y[: d["n"]], data.num_classes, data.name)
+    return data
+
+
+def num_classes(cfg: dict, data: ImageData) -> int:
+    return data.num_classes if cfg["data"]["conditional"] else 0
+
+
+def _autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def _train_kwargs(cfg: dict, section: dict, device: torch.device) -> dict[str, Any]:
+    t = section["train"]
+    return dict(steps=t["steps"], batch_size=t["batch_size"], lr=t["lr"], ema_halflife=t["ema_halflife"],
+                warmup_steps=t["warmup_steps"], grad_clip=t["grad_clip"], ckpt_every=t["ckpt_every"],
+                log_every=t["log_every"], bf16=cfg["run"]["bf16"], seed=cfg["run"]["seed"], device=device,
+                progress=cfg["run"]["progress"])
+
+
+def train_teacher(cfg: dict) -> Path:
+    """Train the teacher on the dataset; returns the path of its `model.safetensors`."""
+    _, _, _, device = dist.init_distributed(cfg["run"]["device"])
+    data = load_data(cfg)
+    ncls = num_classes(cfg, data)
+    objective = teacher_objective(cfg["teacher"])
+    model = build_model(objective, cfg["teacher"]["net"], tuple(data.x.shape[1:]), ncls)
+    tensors = {"x": data.x} if ncls == 0 else {"x": data.x, "y": data.y}
+    out = run_dir(cfg) / "teacher"
+    meta = model_meta("teacher", objective, cfg["teacher"]["net"], tuple(data.x.shape[1:]), ncls, cfg)
+    train(model, objective, TensorSource(tensors, seed=cfg["run"]["seed"]), run_dir=out, meta=meta,
+          **_train_kwargs(cfg, cfg["teacher"], device))
+    dist.barrier()
+    return out / "model.safetensors"
+
+
+def teacher_sampler(teacher: Teacher, solver: str, steps: int, bf16: bool):
+    """generate(z, y) -> x1 with the teacher's deterministic ODE solver."""
+    device = next(teacher.parameters()).device
+
+    def generate(z: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        with torch.no_grad(), _autocast(device, bf16):
+            return sample_teacher(teacher, z.to(device), steps, solver, None if y is None else y.to(device)).x.float()
+
+    return generate
+
+
+def generate_pairs(cfg: dict, teacher_path: str | Path | None = None, store: str | Path | None = None) -> Path:
+    """Run the teacher's ODE solver on seeded noise and write a sharded pair store."""
+    rank, world, _, device = dist.init_distributed(cfg["run"]["device"])
+    teacher_path = Path(teacher_path or run_dir(cfg) / "teacher" / "model.safetensors")
+    teacher, tmeta = load_model(teacher_path, device)
+    if not isinstance(teacher, Teacher):
+        raise ValueError(f"{teacher_path}: is a student model, not a teacher")
+    t = cfg["teacher"]
+    grid = teacher.grid(t["steps"])
+    meta = {
+        "teacher": {"sha256": file_sha256(teacher_path), "path": str(teacher_path), "kind": tmeta["teacher"]["kind"],
+                    "config": tmeta["config"]["teacher"]},
+        "solver": t["solver"], "steps": t["steps"], "grid": [float(g) for g in grid], "bf16": cfg["run"]["bf16"],
+        "nfe": expected_nfe(t["solver"], t["steps"], teacher.singular_end),
+    }
+    p = cfg["pairs"]
+    out = Path(store or run_dir(cfg) / "pairs")
+    make_pairs(out, teacher_sampler(teacher, t["solver"], t["steps"], cfg["run"]["bf16"]), n_pairs=p["n"],
+               shard_size=p["shard_size"], data_shape=tuple(tmeta["data_shape"]), num_classes=tmeta["num_classes"],
+               seed=p["seed"], meta=meta, batch_size=p["batch_size"], rank=rank, world=world, dtype=p["dtype"],
+               progress=cfg["run"]["progress"], device=device, repair=p["repair"])
+    dist.barrier()
+    return out
+
+
+def train_student(cfg: dict, store: str | Path | None = None, teacher_path: str | Path | None = None) -> Path:
+    """Train the LMM student on a pair store; returns the path of its `model.safetensors`."""
+    _, _, _, device = dist.init_distributed(cfg["run"]["device"])
+    store = Path(store or run_dir(cfg) / "pairs")
+    manifest = open_pairs(store).manifest
+    s = cfg["student"]
+    objective = student_objective(s)
+    shape, ncls = tuple(manifest["data_shape"]), manifest["num_classes"]
+    model = build_model(objective, s["net"], shape, ncls)
+    if s["init"] == "teacher":
+        _init_from_teacher(model, Path(teacher_path or manifest["teacher"]["path"]), s["net"])
+    elif s["init"] != "scratch":
+        raise ValueError(f"student.init: unknown '{s['init']}'; valid: teacher, scratch")
+    meta = model_meta("student", objective, s["net"], shape, ncls, cfg)
+    meta["pairs"] = {"path": str(store), "teacher_sha256": manifest["teacher"]["sha256"], "n": manifest["n_pairs"]}
+    out = run_dir(cfg) / "student"
+    train(model, objective, PairSource(store, seed=cfg["run"]["seed"], window=s["window"]), run_dir=out, meta=meta,
+          **_train_kwargs(cfg, s, device))
+    dist.barrier()
+    return out / "model.safetensors"
+
+
+def _init_from_teacher(student: torch.nn.Module, teacher_path: Path, net_cfg: dict) -> None:
+    teacher, tmeta = load_model(teacher_path)
+    if tmeta["net"] != net_cfg:
+        raise ValueError(f"student.init=teacher needs the student's net config to equal the teacher's "
+                         f"({teacher_path}: {tmeta['net']}); set student.init=scratch or copy the net table")
+    net = teacher.model.net if isinstance(teacher, Teacher) else teacher.net
+    student.net.load_state_dict(net.state_dict())
+
+
+def noise_batches(n: int, batch_size: int, shape: tuple[int, ...], ncls: int, seed: int
+                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """Seeded noise (and balanced labels) in batches; identical for every model sampled with `seed`."""
+    gen = torch.Generator().manual_seed(seed)
+    for start in range(0, n, batch_size):
+        b = min(batch_size, n - start)
+        z = torch.randn((b, *shape), generator=gen)
+        y = torch.arange(start, start + b) % ncls if ncls else None
+        yield z, y
+
+
+@torch.no_grad()
+def sample(model: torch.nn.Module | Teacher, n: int, *, seed: int, batch_size: int = 500, nfe: int | None = None,
+           grid: list[float] | None = None, mode: str = "line", solver: str = "euler", steps: int | None = None,
+           bf16: bool = False, device: str | torch.device = "cpu") -> dict[str, Any]:
+    """Draw n samples. Teachers: `solver` with `steps` intervals; students: the line sampler on `grid`
+    (default grid for `nfe`). Returns {"images": uint8 (N,H,W,C), "labels": (N,) or None, "nfe": int}."""
+    device = torch.device(device)
+    is_teacher = isinstance(model, Teacher)
+    inner = model.model if is_teacher else model
+    shape, ncls = tuple(inner.data_shape), inner.num_classes
+    if not is_teacher:
+        grid = list(grid if grid is not None else default_grid(nfe or 1))
+    images, labels, used = [], [], 0
+    for z, y in noise_batches(n, batch_size, shape, ncls, seed):
+        z, y = z.to(device), None if y is None else y.to(device)
+        with _autocast(device, bf16):
+            if is_teacher:
+                sol = sample_teacher(model, z, steps or nfe, solver, y)
+            else:
+                sol = sample_lines(model, z, grid, y, mode=mode)
+        used = sol.nfe
+        images.append(sol.x.float().cpu())
+        if y is not None:
+            labels.append(y.cpu())
+    x = torch.cat(images)
+    return {"images": to_uint8(x) if x.dim() == 4 else x.numpy(), "labels": torch.cat(labels).numpy() if labels else None,
+            "nfe": used}
+
+
+def save_samples(result: dict[str, Any], path: str | Path, grid_n: int = 64) -> Path:
+    """Write `images` (and `labels`) to an .npz (atomically) and a PNG grid beside it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {"images": result["images"]}
+    if result.get("labels") is not None:
+        arrays["labels"] = result["labels"]
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    if result["images"].ndim == 4:
+        save_image_grid(result["images"][:grid_n], path.with_suffix(".png"))
+    return path
+
+
+class Timer:
+    """Collects wall-clock seconds per named stage into `timings` and a JSON file."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.timings: dict[str, float] = json.loads(path.read_text()) if path.is_file() else {}
+
+    @contextlib.contextmanager
+    def stage(self, name: str):
+        start = time.perf_counter()
+        yield
+        self.timings[name] = round(time.perf_counter() - start, 2)
+        if dist.is_main():
+            save_json(self.path, self.timings)

@@ -1,0 +1,274 @@
+"""The one training loop: AdamW/Adam, LR warmup, grad clipping, EMA, bf16 autocast, DDP, checkpoints, resume.
+
+Exactness: the global RNG is reseeded at every step from (seed, step, rank) and batches come from a
+BatchSource that is a function of the step, so a resumed run equals an uninterrupted one bitwise (CPU),
+and 2 ranks x b samples train like 1 rank x 2b samples when the objective draws no randomness.
+Only rank 0 writes files; the loop does not tear down the process group (see `lmm.dist.cleanup`).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from lmm.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    save_model,
+)
+from lmm.dist import all_reduce_mean, all_reduce_min, barrier, init_distributed
+
+Objective = Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
+RESUME_IGNORE_KEY = "resume_ignore"
+_NO_BAD_STEP = 2**62
+
+
+class BatchSource(Protocol):
+    def batch(self, step: int, rank: int, world: int, batch_size: int) -> dict[str, torch.Tensor]: ...
+
+
+def derive_seed(seed: int, step: int, rank: int) -> int:
+    """A 63-bit seed that is a pure function of (seed, step, rank)."""
+    digest = hashlib.sha256(f"lmm-train:{seed}:{step}:{rank}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def _global_generators(device: torch.device) -> list[torch.Generator]:
+    """The default generators the step's randomness comes from: CPU, plus `device`'s own if it is a GPU.
+    (Seeding these directly avoids torch.manual_seed's per-call cost of queueing lazy seeds for every backend.)"""
+    gens = [torch.default_generator]
+    if device.type == "cuda":
+        torch.cuda.init()
+        gens.append(torch.cuda.default_generators[device.index if device.index is not None else 0])
+    return gens
+
+
+def ema_beta(samples_per_step: int, halflife: float) -> float:
+    """Per-step EMA decay so that a sample's weight halves every `halflife` samples (0 -> no averaging)."""
+    if halflife < 0:
+        raise ValueError(f"ema_halflife must be >= 0 samples, got {halflife}")
+    return 0.0 if halflife == 0 else 0.5 ** (samples_per_step / halflife)
+
+
+def warmup_lr(lr: float, step: int, warmup_steps: int) -> float:
+    """Learning rate for the 0-based `step`: linear ramp over the first `warmup_steps` steps, then `lr`."""
+    return lr * min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else lr
+
+
+@torch.no_grad()
+def update_ema(ema_params: list[torch.Tensor], params: list[torch.Tensor], beta: float) -> None:
+    """ema <- beta * ema + (1 - beta) * param, in place, for lists of equal-shape tensors."""
+    torch._foreach_lerp_(ema_params, params, 1.0 - beta)
+
+
+def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Scale the gradients in place so their global L2 norm is at most max_norm; returns the norm before
+    clipping (0-dim fp32). Same math as torch.nn.utils.clip_grad_norm_ without its per-call grouping cost."""
+    grads = [p.grad for p in params if p.grad is not None]
+    total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float())
+    torch._foreach_mul_(grads, (max_norm / (total + 1e-6)).clamp_(max=1.0))
+    return total
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def meta_differences(saved: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Dotted keys whose values differ between two JSON metas, skipping the prefixes in new[RESUME_IGNORE_KEY]."""
+    ignore = [RESUME_IGNORE_KEY, *new.get(RESUME_IGNORE_KEY, [])]
+    a, b = _flatten(saved), _flatten(new)
+    keys = sorted(k for k in a.keys() | b.keys()
+                  if not any(k == p or k.startswith(p + ".") for p in ignore) and a.get(k, ...) != b.get(k, ...))
+    return keys
+
+
+def _json_roundtrip(meta: dict[str, Any]) -> dict[str, Any]:
+    try:
+        return json.loads(json.dumps(meta))
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"train(meta=...) must be JSON-serialisable: {e}") from None
+
+
+class _Step(nn.Module):
+    """forward(batch) = objective(model, batch): lets DDP see one forward per step while the objective
+    gets the bare model (with all its attributes and methods)."""
+
+    def __init__(self, model: nn.Module, objective: Objective):
+        super().__init__()
+        self.model = model
+        self.__dict__["objective"] = objective
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.objective(self.model, batch)
+
+
+def _check_args(steps: int, batch_size: int, lr: float, warmup_steps: int, grad_clip: float,
+                ckpt_every: int, log_every: int, optimizer: str) -> None:
+    for name, value, low in (("steps", steps, 0), ("batch_size", batch_size, 1), ("warmup_steps", warmup_steps, 0),
+                             ("ckpt_every", ckpt_every, 1), ("log_every", log_every, 1)):
+        if int(value) != value or value < low:
+            raise ValueError(f"train: {name} must be an integer >= {low}, got {value!r}")
+    if lr < 0 or grad_clip < 0:
+        raise ValueError(f"train: lr and grad_clip must be >= 0, got lr={lr}, grad_clip={grad_clip}")
+    if optimizer not in ("adamw", "adam"):
+        raise ValueError(f"train: optimizer must be 'adamw' or 'adam', got {optimizer!r}")
+
+
+def _append_log(path: Path, record: dict[str, Any]) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+
+
+def train(model: nn.Module, objective: Objective, source: BatchSource, *, run_dir: str | Path, steps: int,
+          batch_size: int, lr: float, ema_halflife: float, warmup_steps: int, grad_clip: float, bf16: bool,
+          seed: int, ckpt_every: int, log_every: int, meta: dict[str, Any], device: str | torch.device,
+          progress: bool = True, optimizer: str = "adamw", weight_decay: float = 0.0, keep: int = 2) -> nn.Module:
+    """Train `model` in place for `steps` optimizer steps in total (resuming from run_dir's latest checkpoint).
+
+    objective(model, batch) -> per-sample loss (batch_size,); the step loss is its mean. batch_size is per
+    rank; the EMA halflife is in samples of the global batch. grad_clip 0 disables clipping.
+    Returns the EMA model (fp32, eval mode); rank 0 also writes run_dir/model.safetensors + model.json.
+    Raises FloatingPointError on a non-finite loss (no checkpoint is written for or after that step).
+    """
+    _check_args(steps, batch_size, lr, warmup_steps, grad_clip, ckpt_every, log_every, optimizer)
+    rank, world, _, dev = init_distributed(device)
+    main = rank == 0
+    run_dir = Path(run_dir)
+    meta = _json_roundtrip(meta)
+
+    model.to(dev)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt_cls = torch.optim.AdamW if optimizer == "adamw" else torch.optim.Adam
+    opt = opt_cls(params, lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay)
+    ema = copy.deepcopy(model).float().requires_grad_(False).eval()
+
+    start = 0
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is not None:
+        tensors, state, saved_meta = load_checkpoint(ckpt)
+        differing = meta_differences(saved_meta, meta)
+        if differing:
+            raise ValueError(f"cannot resume from {ckpt}: its meta differs from this run's in {', '.join(differing)} "
+                             f"(use another run_dir, or list keys to ignore in meta['{RESUME_IGNORE_KEY}'])")
+        start = int(state["step"])
+        if start > steps:
+            raise ValueError(f"{ckpt} is at step {start}, beyond steps={steps}; use another run_dir or more steps")
+        model.load_state_dict(tensors["model"])
+        ema.load_state_dict(tensors["ema"])
+        opt.load_state_dict(state["optimizer"])
+
+    step_module: nn.Module = _Step(model, objective)
+    if world > 1:
+        step_module = DistributedDataParallel(step_module, device_ids=[dev.index] if dev.type == "cuda" else None)
+        if ckpt is None:
+            ema.load_state_dict(model.state_dict())  # DDP has broadcast rank 0's initial weights
+
+    ema_params = list(ema.parameters())
+    model_params = [p.detach() for p in model.parameters()]
+    cast = any(p.dtype != torch.float32 for p in model_params)
+    buffer_pairs = list(zip(ema.buffers(), model.buffers()))
+    samples_per_step = batch_size * world
+    beta = ema_beta(samples_per_step, ema_halflife)
+    generators = _global_generators(dev)
+    log_path = run_dir / "log.jsonl"
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+
+    pbar = tqdm(total=steps, initial=start, disable=not (progress and main), desc=run_dir.name, dynamic_ncols=True)
+    losses: list[torch.Tensor] = []
+    norms: list[torch.Tensor] = []
+    loss_sum, loss_count = 0.0, 0
+    norm_sum, norm_count = 0.0, 0
+    t_begin = window_t = time.perf_counter()
+    window_steps = 0
+    model.train()
+    for step in range(start, steps):
+        step_seed = derive_seed(seed, step, rank)
+        for gen in generators:
+            gen.manual_seed(step_seed)
+        batch = {k: v.to(dev, non_blocking=True) for k, v in source.batch(step, rank, world, batch_size).items()}
+        lr_now = warmup_lr(lr, step, warmup_steps)
+        for group in opt.param_groups:
+            group["lr"] = lr_now
+        with torch.autocast(dev.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+            per_sample = step_module(batch)
+        if per_sample.shape != (batch_size,):
+            raise ValueError(f"objective must return a per-sample loss of shape ({batch_size},), "
+                             f"got {tuple(per_sample.shape)}")
+        loss = per_sample.float().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip > 0:
+            norms.append(clip_grad_norm(params, grad_clip))
+        opt.step()
+        update_ema(ema_params, [p.float() for p in model_params] if cast else model_params, beta)
+        for b_ema, b in buffer_pairs:
+            b_ema.copy_(b)
+        losses.append(loss.detach())
+        window_steps += 1
+        pbar.update(1)
+
+        done = step + 1
+        do_log = done % log_every == 0 or done == steps
+        do_ckpt = done % ckpt_every == 0 or done == steps
+        if not (do_log or do_ckpt):
+            continue
+        values = torch.stack(losses)
+        first = done - len(losses) + 1
+        step_numbers = torch.arange(first, done + 1, device=values.device)
+        bad = torch.where(torch.isfinite(values), _NO_BAD_STEP, step_numbers).min()
+        bad_step = int(all_reduce_min(bad).item())
+        if bad_step != _NO_BAD_STEP:
+            pbar.close()
+            good = latest_checkpoint(run_dir)
+            if main:
+                _append_log(log_path, {"step": bad_step, "event": "non-finite loss", "checkpoint": str(good)})
+            barrier()
+            raise FloatingPointError(f"non-finite loss at step {bad_step}; last good checkpoint: "
+                                     f"{good if good is not None else 'none (no checkpoint written yet)'}")
+        loss_sum += float(all_reduce_mean(values.sum()).item())
+        loss_count += len(losses)
+        if norms:
+            norm_sum += float(torch.stack(norms).sum().item())
+            norm_count += len(norms)
+        losses.clear()
+        norms.clear()
+        if do_log:
+            now = time.perf_counter()
+            record = {"step": done, "loss": loss_sum / loss_count, "lr": lr_now,
+                      "samples_per_s": window_steps * samples_per_step / max(now - window_t, 1e-9),
+                      "time": now - t_begin}
+            if norm_count:
+                record["grad_norm"] = norm_sum / norm_count
+            if main:
+                _append_log(log_path, record)
+                pbar.set_postfix(loss=f"{record['loss']:.4g}", samples_s=f"{record['samples_per_s']:.0f}")
+            loss_sum, loss_count, norm_sum, norm_count = 0.0, 0, 0.0, 0
+        if do_ckpt and main:
+            save_checkpoint(run_dir, done, {"model": model.state_dict(), "ema": ema.state_dict()},
+                            {"optimizer": opt.state_dict(), "step": done, "seed": seed, "world": world,
+                             "batch_size": batch_size}, meta, keep=keep)
+        window_t, window_steps = time.perf_counter(), 0
+    pbar.close()
+
+    if main:
+        save_model(run_dir / "model", ema.state_dict(), {**meta, "step": steps})
+    barrier()
+    return ema

@@ -1,0 +1,80 @@
+"""End-to-end runs of the `lmm` command (in-process) on toy and digits data."""
+import json
+
+import numpy as np
+import pytest
+
+from lmm.cli.main import build_parser, main
+
+TINY_UNET = ["teacher.net.channels=8", "student.net.channels=8", "run.progress=false"]
+TOY_FAST = ["teacher.train.steps=300", "student.train.steps=300", "teacher.train.warmup_steps=20",
+            "student.train.warmup_steps=20", "teacher.train.ema_halflife=2000.0", "student.train.ema_halflife=2000.0",
+            "teacher.net.width=64", "student.net.width=64", "teacher.net.depth=3", "student.net.depth=3",
+            "pairs.n=2048", "pairs.shard_size=1024", "eval.n=1000", "data.n=4000", "run.progress=false"]
+
+
+def test_help_documents_every_option(capsys):
+    parser = build_parser()
+    for command in (["config"], ["teacher", "train"], ["pairs"], ["train"], ["sample"], ["demo"], ["report"]):
+        with pytest.raises(SystemExit) as exit_:
+            parser.parse_args([*command, "--help"])
+        assert exit_.value.code == 0
+        text = capsys.readouterr().out
+        sub = parser._subparsers._group_actions[0].choices[command[0]]
+        if len(command) > 1:
+            sub = sub._subparsers._group_actions[0].choices[command[1]]
+        for action in sub._actions:
+            assert action.help, f"{command} {action.dest} has no help text"
+            for flag in action.option_strings:
+                assert flag in text
+            if not action.option_strings:
+                assert (action.metavar or action.dest) in text
+
+
+def test_unknown_key_is_a_clear_error(capsys):
+    assert main(["config", "teacher.train.stepz=3"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown key 'teacher.train.stepz'" in err and "steps" in err
+
+
+def test_stages_on_digits(tmp_path, capsys):
+    run = tmp_path / "run"
+    common = [f"run.dir={run}", *TINY_UNET, "teacher.train.steps=4", "student.train.steps=4", "teacher.steps=3",
+              "pairs.n=96", "pairs.shard_size=64", "pairs.batch_size=64", "teacher.train.batch_size=16",
+              "student.train.batch_size=16", "teacher.train.ckpt_every=2", "student.train.ckpt_every=2"]
+    assert main(["teacher", "train", *common]) == 0
+    assert main(["pairs", *common]) == 0
+    manifest = json.loads((run / "pairs" / "manifest.json").read_text())
+    assert manifest["n_pairs"] == 96 and manifest["nfe"] == 5 and manifest["solver"] == "heun"
+    assert len(manifest["grid"]) == 4 and manifest["grid"][-1] == 0.0
+    assert main(["train", *common]) == 0
+    out = tmp_path / "s.npz"
+    assert main(["sample", "--model", str(run / "student"), "--nfe", "2", "-n", "10", "--out", str(out)]) == 0
+    images = np.load(out)["images"]
+    assert images.shape == (10, 8, 8, 1) and images.dtype == np.uint8
+    assert out.with_suffix(".png").is_file()
+    assert main(["sample", "--model", str(run / "teacher"), "--solver", "euler", "--steps", "2", "-n", "4",
+                 "--out", str(tmp_path / "t.npz")]) == 0
+    assert "NFE 2" in capsys.readouterr().out
+    # a student file is not a teacher
+    assert main(["pairs", *common, f"--teacher={run / 'student' / 'model.safetensors'}"]) == 2
+    assert "not a teacher" in capsys.readouterr().err
+
+
+def test_demo_on_moons_student_beats_one_step_teacher(tmp_path):
+    run = tmp_path / "moons"
+    from pathlib import Path
+
+    preset = Path(__file__).parent.parent / "configs" / "toy_moons.toml"
+    assert main(["demo", "-c", str(preset), f"run.dir={run}", *TOY_FAST]) == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    key = metrics["distance_key"]
+    rows = {r["label"]: r for r in metrics["results"]}
+    teacher1, student1 = rows["teacher euler NFE 1"][key], rows["student lines NFE 1"][key]
+    assert student1 * 3 < teacher1
+    assert rows["student lines NFE 1"]["straightness"] == 0.0
+    assert rows["teacher heun NFE 32"]["straightness"] > rows["student lines NFE 2"]["straightness"]
+    page = (run / "report.html").read_text()
+    assert "Time per stage" in page and "train student" in page and "<svg" in page
+    assert set(json.loads((run / "timings.json").read_text())) == {
+        "train teacher", "generate pairs", "train student", "sample + evaluate"}

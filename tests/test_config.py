@@ -1,0 +1,46 @@
+import json
+
+import pytest
+
+from lmm.config import DEFAULTS, ConfigError, flat_keys, load_config, parse_override
+
+
+def test_defaults_and_overrides():
+    cfg = load_config(None, ["teacher.train.steps=7", "student.grid=[0.0, 0.6]", "run.dir=runs/x", "run.bf16=true"])
+    assert cfg["teacher"]["train"]["steps"] == 7
+    assert cfg["student"]["grid"] == [0.0, 0.6]
+    assert cfg["run"]["dir"] == "runs/x" and cfg["run"]["bf16"] is True
+    assert DEFAULTS["teacher"]["train"]["steps"] != 7  # defaults are not mutated
+
+
+def test_unknown_key_lists_valid_ones(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown key 'teacher.train.stepz'.*valid keys here: .*steps"):
+        load_config(None, ["teacher.train.stepz=3"])
+    preset = tmp_path / "p.toml"
+    preset.write_text("[data]\nnmae = 'digits'\n")
+    with pytest.raises(ConfigError, match=r"p.toml: unknown key 'data.nmae'"):
+        load_config(preset)
+
+
+def test_wrong_type_and_bad_override():
+    with pytest.raises(ConfigError, match="expects int"):
+        load_config(None, ["pairs.n=lots"])
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        parse_override("pairs.n")
+    assert load_config(None, ["student.train.lr=1"])["student"]["train"]["lr"] == 1.0
+
+
+def test_net_tables_replaced_by_preset_updated_by_override(tmp_path):
+    preset = tmp_path / "mlp.toml"
+    preset.write_text("[teacher.net]\nkind = 'mlp'\nwidth = 64\n")
+    cfg = load_config(preset, ["teacher.net.depth=3"])
+    assert cfg["teacher"]["net"] == {"kind": "mlp", "width": 64, "depth": 3}
+
+
+def test_presets_in_repo_load():
+    from pathlib import Path
+
+    for path in sorted((Path(__file__).parent.parent / "configs").glob("*.toml")):
+        cfg = load_config(path)
+        json.dumps(cfg)
+        assert dict(flat_keys(cfg))["run.dir"]

@@ -1,0 +1,120 @@
+"""DDP under torchrun (2 CPU ranks, gloo) trains like one process with twice the per-rank batch."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import torch
+
+from lmm import dist
+
+SCRIPT = textwrap.dedent('''
+    import sys
+    from pathlib import Path
+
+    import torch
+    from torch import nn
+
+    from lmm import dist
+    from lmm.train import train
+
+    D = 3
+
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(D, 16), nn.Tanh(), nn.Linear(16, D))
+
+        def forward(self, x):
+            return self.net(x)
+
+
+    def objective(model, batch):
+        return ((model(batch["x"]) - batch["y"]) ** 2).mean(dim=1)
+
+
+    class Source:
+        def batch(self, step, rank, world, batch_size):
+            g = torch.Generator().manual_seed(1000 + step)
+            x = torch.randn(batch_size * world, D, generator=g)
+            y = torch.sin(2 * x).flip(1)
+            part = slice(rank * batch_size, (rank + 1) * batch_size)
+            return {"x": x[part], "y": y[part]}
+
+
+    def fit(run_dir, steps, batch_size, init_seed):
+        torch.manual_seed(init_seed)
+        model = Net()
+        ema = train(model, objective, Source(), run_dir=run_dir, steps=steps, batch_size=batch_size, lr=2e-2,
+                    ema_halflife=40.0, warmup_steps=2, grad_clip=0.5, bf16=False, seed=3, ckpt_every=3,
+                    log_every=1, meta={"test": "dist"}, device="cpu", progress=False)
+        return model, ema
+
+
+    out = Path(sys.argv[1])
+    rank, world, local_rank, device = dist.init_distributed("auto")
+    if world == 1:
+        model, ema = fit(out / "single", 5, 8, 0)
+    else:
+        fit(out / "ddp", 3, 4, rank)
+        model, ema = fit(out / "ddp", 5, 4, 100 + rank)
+    gathered = dist.all_gather_tensor(torch.full((rank + 1, 2), float(rank)))
+    mean = dist.all_reduce_mean(torch.tensor([float(rank), 2.0]))
+    torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "gathered": gathered, "mean": mean,
+                "info": [rank, world, local_rank, str(device), dist.is_main()]}, out / f"result-{world}-{rank}.pt")
+    dist.barrier()
+    dist.cleanup()
+''')
+
+
+def _run(args: list[str], tmp_path: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    proc = subprocess.run([sys.executable, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, f"{args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+
+
+def test_two_ranks_equal_one_rank_with_double_batch(tmp_path: Path) -> None:
+    script = tmp_path / "fit.py"
+    script.write_text(SCRIPT)
+    _run(["-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", str(script), str(tmp_path)], tmp_path)
+    _run([str(script), str(tmp_path)], tmp_path)
+    single = torch.load(tmp_path / "result-1-0.pt", weights_only=True)
+    ranks = [torch.load(tmp_path / f"result-2-{r}.pt", weights_only=True) for r in range(2)]
+
+    assert single["info"] == [0, 1, 0, "cpu", True]
+    assert [r["info"] for r in ranks] == [[0, 2, 0, "cpu", True], [1, 2, 1, "cpu", False]]
+    assert torch.equal(ranks[0]["gathered"], torch.tensor([[0.0, 0.0], [1.0, 1.0], [1.0, 1.0]]))
+    assert torch.equal(ranks[1]["gathered"], ranks[0]["gathered"])
+    assert torch.equal(ranks[0]["mean"], torch.tensor([0.5, 2.0]))
+    assert torch.equal(single["gathered"], torch.zeros(1, 2))
+
+    for key in ("model", "ema"):
+        for name, ref in single[key].items():
+            for r in ranks:
+                assert torch.allclose(r[key][name], ref, atol=1e-5), (key, name)
+    moved = single["model"]["net.0.weight"] - single["ema"]["net.0.weight"]
+    assert moved.abs().max() > 1e-3
+
+    log = (tmp_path / "ddp" / "log.jsonl").read_text().splitlines()
+    assert len(log) == 5
+    assert [p.name for p in sorted((tmp_path / "ddp" / "checkpoints").iterdir())] == ["step-00000003", "step-00000005"]
+    assert (tmp_path / "ddp" / "model.safetensors").is_file()
+
+
+def test_single_process_helpers_are_noops() -> None:
+    info = dist.init_distributed("cpu")
+    assert tuple(info) == (0, 1, 0, torch.device("cpu"))
+    assert dist.is_main() and dist.world_size() == 1
+    t = torch.arange(3.0)
+    assert dist.all_gather_tensor(t) is t
+    mean = dist.all_reduce_mean(t)
+    assert torch.equal(mean, t) and mean.data_ptr() != t.data_ptr()
+    assert dist.resolve_device("auto") == torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    dist.barrier()
+    dist.cleanup()

@@ -1,0 +1,256 @@
+"""Train loop, checkpoints and EMA on tiny inline stand-ins (a small MLP, a regression objective, a seeded source)."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from lmm.checkpoint import (
+    CorruptFileError,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    load_model_file,
+    save_checkpoint,
+    save_model,
+)
+from lmm.train import (
+    clip_grad_norm,
+    derive_seed,
+    ema_beta,
+    meta_differences,
+    train,
+    update_ema,
+    warmup_lr,
+)
+
+D = 4
+
+
+class TinyNet(nn.Module):
+    def __init__(self, width: int = 16, dropout: float = 0.1):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(D, width), nn.SiLU(), nn.Dropout(dropout), nn.Linear(width, D))
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.net(x)
+
+
+def regression_objective(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per-sample squared error (B,) on inputs jittered with the global RNG (exercises per-step seeding)."""
+    x = batch["x"] + 0.01 * torch.randn_like(batch["x"])
+    return ((model(x) - batch["y"]) ** 2).mean(dim=1)
+
+
+class RegressionSource:
+    """y = tanh(x A); the global batch at `step` depends only on (seed, step); rank r gets slice r."""
+
+    def __init__(self, seed: int = 0, nan_from: int | None = None):
+        self.seed, self.nan_from = seed, nan_from
+        self.a = torch.randn(D, D, generator=torch.Generator().manual_seed(1234))
+
+    def batch(self, step: int, rank: int, world: int, batch_size: int) -> dict[str, torch.Tensor]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        x = torch.randn(batch_size * world, D, generator=g)
+        y = torch.tanh(x @ self.a)
+        if self.nan_from is not None and step >= self.nan_from:
+            y = y * float("nan")
+        part = slice(rank * batch_size, (rank + 1) * batch_size)
+        return {"x": x[part], "y": y[part]}
+
+
+def run(run_dir: Path, steps: int, source: RegressionSource | None = None, meta: dict | None = None,
+        **kw) -> tuple[nn.Module, nn.Module]:
+    torch.manual_seed(0)
+    model = TinyNet()
+    args = dict(batch_size=8, lr=1e-2, ema_halflife=200.0, warmup_steps=5, grad_clip=1.0, bf16=False, seed=7,
+                ckpt_every=10, log_every=5, device="cpu", progress=False)
+    args.update(kw)
+    ema = train(model, regression_objective, source or RegressionSource(), run_dir=run_dir, steps=steps,
+                meta=meta if meta is not None else {"config": {"lr": args["lr"]}}, **args)
+    return model, ema
+
+
+def read_log(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+
+
+def test_loss_decreases_and_final_files(tmp_path: Path) -> None:
+    _, ema = run(tmp_path, 120, ema_halflife=100.0, ckpt_every=50, log_every=10)
+    log = read_log(tmp_path)
+    assert [r["step"] for r in log] == list(range(10, 121, 10))
+    assert log[-1]["loss"] < 0.3 * log[0]["loss"]
+    assert all(r["samples_per_s"] > 0 and r["grad_norm"] > 0 for r in log)
+    state, meta = load_model_file(tmp_path / "model.safetensors")
+    assert meta == {"config": {"lr": 1e-2}, "step": 120}
+    assert not ema.training and all(not p.requires_grad for p in ema.parameters())
+    for k, v in ema.state_dict().items():
+        assert torch.equal(state[k], v)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000100", "step-00000120"]
+
+
+def test_resume_equals_uninterrupted_bitwise(tmp_path: Path) -> None:
+    full_model, full_ema = run(tmp_path / "full", 20)
+    run(tmp_path / "split", 10)
+    assert latest_checkpoint(tmp_path / "split").name == "step-00000010"
+    split_model, split_ema = run(tmp_path / "split", 20)
+    for a, b in ((full_model, split_model), (full_ema, split_ema)):
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys()
+        for k in sa:
+            assert torch.equal(sa[k], sb[k]), k
+    assert not torch.equal(full_model.net[0].weight, full_ema.net[0].weight)
+    _, full_state, _ = load_checkpoint(tmp_path / "full" / "checkpoints" / "step-00000020")
+    _, split_state, _ = load_checkpoint(tmp_path / "split" / "checkpoints" / "step-00000020")
+    for k in full_state["optimizer"]["state"]:
+        for name, t in full_state["optimizer"]["state"][k].items():
+            assert torch.equal(t, split_state["optimizer"]["state"][k][name])
+
+
+def test_resume_rejects_changed_meta_unless_ignored(tmp_path: Path) -> None:
+    run(tmp_path, 4, meta={"config": {"lr": 1, "net": {"width": 16}}, "role": "student"})
+    with pytest.raises(ValueError, match=r"config\.lr, config\.net\.width"):
+        run(tmp_path, 6, meta={"config": {"lr": 2, "net": {"width": 32}}, "role": "student"})
+    run(tmp_path, 6, meta={"config": {"lr": 2, "net": {"width": 16}}, "role": "student",
+                           "resume_ignore": ["config.lr"]})
+    assert latest_checkpoint(tmp_path).name == "step-00000006"
+    assert meta_differences({"a": {"b": 1}}, {"a": {"b": 1}, "c": 2}) == ["c"]
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path) -> None:
+    with pytest.raises(FloatingPointError, match=r"non-finite loss at step 13; last good checkpoint: .*step-00000010"):
+        run(tmp_path, 20, source=RegressionSource(nan_from=12), ckpt_every=5, log_every=5)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000005", "step-00000010"]
+    assert not (tmp_path / "model.safetensors").exists()
+    tensors, state, _ = load_checkpoint(latest_checkpoint(tmp_path))
+    assert state["step"] == 10
+    assert all(torch.isfinite(t).all() for sd in tensors.values() for t in sd.values() if t.is_floating_point())
+    assert read_log(tmp_path)[-1]["event"] == "non-finite loss"
+
+
+def test_nonfinite_before_first_checkpoint(tmp_path: Path) -> None:
+    with pytest.raises(FloatingPointError, match=r"step 1; last good checkpoint: none"):
+        run(tmp_path, 3, source=RegressionSource(nan_from=0))
+
+
+def test_ema_math() -> None:
+    assert ema_beta(64, 640.0) ** 10 == pytest.approx(0.5)
+    assert ema_beta(64, 0.0) == 0.0
+    ema, target = [torch.zeros(3)], [torch.ones(3)]
+    beta = ema_beta(32, 320.0)
+    for _ in range(10):
+        update_ema(ema, target, beta)
+    assert torch.allclose(ema[0], torch.full((3,), 0.5))
+    with pytest.raises(ValueError, match="ema_halflife"):
+        ema_beta(8, -1.0)
+
+
+def test_ema_in_loop(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    init = TinyNet().state_dict()
+    model, ema = run(tmp_path / "none", 5, ema_halflife=0.0)
+    for k, v in model.state_dict().items():
+        assert torch.equal(ema.state_dict()[k], v)
+    model, ema = run(tmp_path / "frozen", 5, ema_halflife=1e30)
+    assert not torch.equal(model.net[0].weight, init["net.0.weight"])
+    for k, v in ema.named_parameters():
+        assert torch.equal(v, init[k])
+    assert ema.calls.item() == model.calls.item() == 5
+
+
+def test_warmup_and_bf16(tmp_path: Path) -> None:
+    assert [warmup_lr(1.0, s, 4) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert warmup_lr(0.1, 0, 0) == 0.1
+    run(tmp_path, 6, bf16=True, log_every=1)
+    log = read_log(tmp_path)
+    assert [r["lr"] for r in log] == pytest.approx([2e-3, 4e-3, 6e-3, 8e-3, 1e-2, 1e-2])
+    assert all(math.isfinite(r["loss"]) for r in log)
+    assert derive_seed(7, 3, 0) != derive_seed(7, 3, 1) != derive_seed(7, 4, 0)
+
+
+def test_objective_shape_checked(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"per-sample loss of shape \(8,\)"):
+        train(TinyNet(), lambda m, b: regression_objective(m, b).mean(), RegressionSource(), run_dir=tmp_path,
+              steps=2, batch_size=8, lr=1e-3, ema_halflife=0.0, warmup_steps=0, grad_clip=0.0, bf16=False,
+              seed=0, ckpt_every=1, log_every=1, meta={}, device="cpu", progress=False)
+
+
+def _tensors() -> dict[str, dict[str, torch.Tensor]]:
+    return {"model": {"w": torch.arange(6.0).reshape(2, 3)}, "ema": {"w": torch.ones(2, 3)}}
+
+
+def test_checkpoint_atomicity_and_rotation(tmp_path: Path) -> None:
+    for step in (10, 20, 30):
+        save_checkpoint(tmp_path, step, _tensors(), {"step": step, "rng": torch.get_rng_state()}, {"k": step})
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000020", "step-00000030"]
+    root = tmp_path / "checkpoints"
+    leftover = root / ".tmp-step-00000040-999"
+    leftover.mkdir()
+    (leftover / "model.safetensors").write_bytes(b"partial")
+    (root / "step-00000050").mkdir()
+    assert latest_checkpoint(tmp_path) == root / "step-00000030"
+    tensors, state, meta = load_checkpoint(latest_checkpoint(tmp_path))
+    assert torch.equal(tensors["model"]["w"], _tensors()["model"]["w"]) and meta == {"k": 30}
+    assert state["step"] == 30 and state["rng"].dtype == torch.uint8
+    save_checkpoint(tmp_path, 30, _tensors(), {"step": 30}, {"k": "again"})
+    assert not leftover.exists()
+    assert load_checkpoint(root / "step-00000030")[2] == {"k": "again"}
+    assert latest_checkpoint(tmp_path / "nothing") is None
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncate", "flip"])
+def test_corrupt_checkpoint_names_file(tmp_path: Path, damage: str) -> None:
+    path = save_checkpoint(tmp_path, 1, _tensors(), {"step": 1}, {})
+    f = path / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes({"garbage": b"\x00not a safetensors file", "truncate": data[: len(data) - 5],
+                   "flip": data[:-1] + bytes([data[-1] ^ 0xFF])}[damage])
+    with pytest.raises(CorruptFileError, match=str(f)):
+        load_checkpoint(path)
+    (path / "state.pt").unlink()
+    f.write_bytes(data)
+    with pytest.raises(FileNotFoundError, match=str(path / "state.pt")):
+        load_checkpoint(path)
+
+
+def test_model_file_roundtrip_tied_and_errors(tmp_path: Path) -> None:
+    emb = nn.Embedding(5, 3)
+    head = nn.Linear(3, 5, bias=False)
+    head.weight = emb.weight
+    sd = {**{f"emb.{k}": v for k, v in emb.state_dict().items()}, "head.weight": head.weight,
+          "view": emb.weight[:, 1]}
+    path = save_model(tmp_path / "model", sd, {"format": "x", "step": 3})
+    assert path == tmp_path / "model.safetensors" and (tmp_path / "model.json").is_file()
+    state, meta = load_model_file(tmp_path / "model")
+    assert meta == {"format": "x", "step": 3}
+    assert all(torch.equal(state[k], v) for k, v in sd.items())
+    (tmp_path / "model.json").unlink()
+    assert load_model_file(path)[1] == {"format": "x", "step": 3}
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "absent.safetensors")):
+        load_model_file(tmp_path / "absent.safetensors")
+    path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{broken")
+    with pytest.raises(CorruptFileError, match=str(path)):
+        load_model_file(path)
+
+
+def test_clip_grad_norm_matches_torch() -> None:
+    torch.manual_seed(0)
+    nets = [TinyNet(dropout=0.0), TinyNet(dropout=0.0)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    x = torch.randn(5, D)
+    for net in nets:
+        (net(x) ** 2).sum().mul(10).backward()
+    ref = nn.utils.clip_grad_norm_(list(nets[0].parameters()), 0.5)
+    got = clip_grad_norm(list(nets[1].parameters()), 0.5)
+    assert ref > 0.5 and torch.allclose(got, ref)
+    for a, b in zip(nets[0].parameters(), nets[1].parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-7)
+    before = [p.grad.clone() for p in nets[1].parameters()]
+    clip_grad_norm(list(nets[1].parameters()), 1e6)
+    assert all(torch.equal(a, p.grad) for a, p in zip(before, nets[1].parameters()))
