@@ -403,6 +403,7 @@ class PairSource:
         self._starts = np.empty(0, dtype=np.int64)
         self._win_key: tuple[int, int] | None = None
         self._buf: dict[str, Tensor] = {}
+        self._buf_shards: list[int] = []
         self._win_data: dict[str, Tensor] = {}
         self._win_perm = torch.empty(0, dtype=torch.int64)
 
@@ -428,12 +429,22 @@ class PairSource:
         self._layout_epoch = epoch
 
     def _load_window(self, epoch: int, w: int) -> None:
-        """Copy window w's shards into a reused buffer of window * shard_size rows and draw its permutation."""
+        """Copy window w's shards (in index order) into a reused buffer of window * shard_size rows, unless the
+        buffer already holds them (a store of at most `window` shards is read once), and draw its permutation."""
         if self._win_key == (epoch, w):
             return
         self._win_key = None
-        shards = [int(k) for k in self._order[w * self.window : (w + 1) * self.window]]
+        shards = sorted(int(k) for k in self._order[w * self.window : (w + 1) * self.window])
         size = int(self._starts[w + 1] - self._starts[w])
+        if shards != self._buf_shards:
+            self._fill_buffer(shards)
+        rng = np.random.default_rng(np.random.SeedSequence([self.seed, 1, epoch, w]))
+        self._win_perm = torch.from_numpy(rng.permutation(size))
+        self._win_data = {key: t[:size] for key, t in self._buf.items()}
+        self._win_key = (epoch, w)
+
+    def _fill_buffer(self, shards: list[int]) -> None:
+        self._buf_shards = []
         offset = 0
         for k in shards:
             part = self.store.load_shard(k)
@@ -444,10 +455,7 @@ class PairSource:
                 self._buf[key][offset : offset + t.shape[0]] = t
             offset += part["z"].shape[0]
             del part
-        rng = np.random.default_rng(np.random.SeedSequence([self.seed, 1, epoch, w]))
-        self._win_perm = torch.from_numpy(rng.permutation(size))
-        self._win_data = {key: t[:size] for key, t in self._buf.items()}
-        self._win_key = (epoch, w)
+        self._buf_shards = shards
 
     def batch(self, step: int, rank: int, world: int, batch_size: int) -> dict[str, Tensor]:
         """Rank's slice of the global batch at step: z, x1 (batch_size, *data_shape) float32, y (batch_size,)."""

@@ -1,0 +1,77 @@
+"""bf16 autocast against fp32, side by side in one run: training speed, sampling speed and sample quality.
+
+Training: steps/s of lmm.train.train on the digits student network, fp32 vs bf16 autocast.
+Sampling and quality: a trained run's teacher (its own solver) and student (NFE 1), each sampled in fp32
+and bf16 from the same noise; Frechet distance (eval.features) against the dataset.
+Usage, after `lmm demo` made runs/demo:  python benchmarks/bench_bf16.py --run runs/demo
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from lmm.config import load_config
+from lmm.data.datasets import TensorSource
+from lmm.data.images import to_uint8
+from lmm.metrics import FeatureStats, frechet_distance_stats, get_extractor
+from lmm.models import build_model, load_model, student_objective
+from lmm.pipeline import load_data, sample
+from lmm.train import train
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", type=Path, required=True, help="run folder with teacher/ and student/")
+    parser.add_argument("--steps", type=int, default=40, help="training steps timed per precision (default 40)")
+    args = parser.parse_args()
+    cfg = load_config(None, [f"run.dir={args.run}"])
+    s, e = cfg["student"], cfg["eval"]
+    data = load_data(cfg)
+    shape = tuple(data.x.shape[1:])
+    bs = s["train"]["batch_size"]
+    pairs = TensorSource({"z": torch.randn_like(data.x), "x1": data.x}, seed=0)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"cpu capability {torch.backends.cpu.get_cpu_capability()}\n")
+    print("| measurement | fp32 | bf16 | bf16 / fp32 |\n|---|---|---|---|")
+    rates = {}
+    for bf16 in (False, True):
+        torch.manual_seed(0)
+        objective = student_objective(s)
+        model = build_model(objective, s["net"], shape, 0)
+        with tempfile.TemporaryDirectory() as tmp:
+            kw = dict(batch_size=bs, lr=1e-3, ema_halflife=1e4, warmup_steps=0, grad_clip=1.0, bf16=bf16, seed=0,
+                      log_every=1000, meta={}, device="cpu", progress=False)
+            train(model, objective, pairs, run_dir=Path(tmp) / "w", steps=3, ckpt_every=3, **kw)
+            start = time.perf_counter()
+            train(model, objective, pairs, run_dir=Path(tmp) / "t", steps=args.steps, ckpt_every=args.steps, **kw)
+            rates[bf16] = args.steps * bs / (time.perf_counter() - start)
+    print(f"| student training (samples/s) | {rates[False]:.0f} | {rates[True]:.0f} | {rates[True] / rates[False]:.2f} |")
+
+    extractor = get_extractor(e["features"], "cpu")
+    real = FeatureStats()
+    real.add(extractor(to_uint8(data.x)))
+    teacher, tmeta = load_model(args.run / "teacher")
+    student, _ = load_model(args.run / "student")
+    for name, model, how in (("teacher " + tmeta["teacher"]["solver"], teacher,
+                              {"solver": tmeta["teacher"]["solver"], "steps": tmeta["teacher"]["steps"]}),
+                             ("student NFE 1", student, {"grid": [0.0]})):
+        out = {}
+        for bf16 in (False, True):
+            start = time.perf_counter()
+            res = sample(model, e["n"], seed=e["seed"], batch_size=e["batch_size"], bf16=bf16, **how)
+            seconds = time.perf_counter() - start
+            fake = FeatureStats()
+            fake.add(extractor(res["images"]))
+            out[bf16] = (e["n"] / seconds, frechet_distance_stats(real, fake))
+        print(f"| {name} sampling (samples/s) | {out[False][0]:.0f} | {out[True][0]:.0f} | "
+              f"{out[True][0] / out[False][0]:.2f} |")
+        print(f"| {name} quality ({e['features']} FD) | {out[False][1]:.4f} | {out[True][1]:.4f} | "
+              f"{out[True][1] / out[False][1]:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
