@@ -27,9 +27,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=Path, required=True, help="run folder with teacher/ and student/")
     parser.add_argument("--steps", type=int, default=40, help="training steps timed per precision (default 40)")
+    parser.add_argument("-n", type=int, default=None, help="samples per quality measurement (default eval.n)")
     args = parser.parse_args()
     cfg = load_config(None, [f"run.dir={args.run}"])
     s, e = cfg["student"], cfg["eval"]
+    n = args.n or e["n"]
     data = load_data(cfg)
     shape = tuple(data.x.shape[1:])
     bs = s["train"]["batch_size"]
@@ -62,14 +64,14 @@ def main() -> None:
         out = {}
         for bf16 in (False, True):
             start = time.perf_counter()
-            res = sample(model, e["n"], seed=e["seed"], batch_size=e["batch_size"], bf16=bf16, **how)
+            res = sample(model, n, seed=e["seed"], batch_size=e["batch_size"], bf16=bf16, **how)
             seconds = time.perf_counter() - start
             fake = FeatureStats()
             fake.add(extractor(res["images"]))
-            out[bf16] = (e["n"] / seconds, frechet_distance_stats(real, fake))
+            out[bf16] = (n / seconds, frechet_distance_stats(real, fake))
         print(f"| {name} sampling (samples/s) | {out[False][0]:.0f} | {out[True][0]:.0f} | "
               f"{out[True][0] / out[False][0]:.2f} |")
-        print(f"| {name} quality ({e['features']} FD) | {out[False][1]:.4f} | {out[True][1]:.4f} | "
+        print(f"| {name} quality ({e['features']} FD, {n} samples) | {out[False][1]:.4f} | {out[True][1]:.4f} | "
               f"{out[True][1] / out[False][1]:.2f} |")
 
 

@@ -82,7 +82,7 @@ def evaluate_run(cfg: dict, teacher_path: str | Path | None = None, student_path
     for role, model, how in runs:
         start = time.perf_counter()
         out = sample(model, e["n"], seed=e["seed"], batch_size=e["batch_size"], bf16=cfg["run"]["bf16"],
-                     device=device, **how)
+                     device=device, progress=cfg["run"]["progress"] and dist.is_main(), **how)
         seconds = time.perf_counter() - start
         fake = FeatureStats(keep_features=True)
         fake.add(_features(extractor, out["images"]))

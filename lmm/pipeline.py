@@ -13,6 +13,7 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from lmm import dist
 from lmm.data.datasets import ImageData, TensorSource, load_dataset
@@ -163,7 +164,7 @@ def noise_batches(n: int, batch_size: int, shape: tuple[int, ...], ncls: int, se
 @torch.no_grad()
 def sample(model: torch.nn.Module | Teacher, n: int, *, seed: int, batch_size: int = 500, nfe: int | None = None,
            grid: list[float] | None = None, mode: str = "line", solver: str = "euler", steps: int | None = None,
-           bf16: bool = False, device: str | torch.device = "cpu") -> dict[str, Any]:
+           bf16: bool = False, device: str | torch.device = "cpu", progress: bool = False) -> dict[str, Any]:
     """Draw n samples. Teachers: `solver` with `steps` intervals; students: the line sampler on `grid`
     (default grid for `nfe`). Returns {"images": uint8 (N,H,W,C), "labels": (N,) or None, "nfe": int}."""
     device = torch.device(device)
@@ -173,6 +174,7 @@ def sample(model: torch.nn.Module | Teacher, n: int, *, seed: int, batch_size: i
     if not is_teacher:
         grid = list(grid if grid is not None else default_grid(nfe or 1))
     images, labels, used = [], [], 0
+    bar = tqdm(total=n, desc="sample", unit="img", disable=not progress, leave=False)
     for z, y in noise_batches(n, batch_size, shape, ncls, seed):
         z, y = z.to(device), None if y is None else y.to(device)
         with _autocast(device, bf16):
@@ -182,8 +184,10 @@ def sample(model: torch.nn.Module | Teacher, n: int, *, seed: int, batch_size: i
                 sol = sample_lines(model, z, grid, y, mode=mode)
         used = sol.nfe
         images.append(sol.x.float().cpu())
+        bar.update(z.shape[0])
         if y is not None:
             labels.append(y.cpu())
+    bar.close()
     x = torch.cat(images)
     return {"images": to_uint8(x) if x.dim() == 4 else x.numpy(), "labels": torch.cat(labels).numpy() if labels else None,
             "nfe": used}

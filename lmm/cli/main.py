@@ -77,7 +77,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
     else:
         solver, steps = "lines", None
     result = pipeline.sample(model, args.n, seed=args.seed, batch_size=args.batch_size, nfe=args.nfe, grid=grid,
-                             mode=args.mode, solver=solver, steps=steps, bf16=args.bf16, device=device)
+                             mode=args.mode, solver=solver, steps=steps, bf16=args.bf16, device=device,
+                             progress=True)
     path = pipeline.save_samples(result, args.out)
     print(f"{path}: {args.n} samples, NFE {result['nfe']}")
 

@@ -6,6 +6,8 @@ computed in float64 as in the reference FID code (pytorch-fid / TTUR), with the 
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import scipy.linalg
 import torch
@@ -160,10 +162,12 @@ def frechet_distance(mu1: ArrayLike, sigma1: ArrayLike, mu2: ArrayLike, sigma2: 
         if s.shape != (d, d):
             raise ValueError(f"frechet_distance: {name} shape {s.shape}, expected {(d, d)}")
     diff = mu1 - mu2
-    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
-    if not np.isfinite(covmean).all():
-        offset = np.eye(d) * eps
-        covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)  # singular products are handled below
+        covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
+        if not np.isfinite(covmean).all():
+            offset = np.eye(d) * eps
+            covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
     if np.iscomplexobj(covmean):
         imag = np.abs(np.diagonal(covmean).imag).max()
         if imag > imag_atol:
