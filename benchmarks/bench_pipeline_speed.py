@@ -32,15 +32,18 @@ from lmm.teachers.base import sample_teacher
 from lmm.train import train
 
 
-def rate(fn, n_items: int, repeats: int) -> float:
-    """Items per second of fn() (after one warm-up call), best of `repeats`."""
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
+def rates(fns: dict[str, tuple], repeats: int) -> dict[str, float]:
+    """Items per second of each fn in {name: (fn, n_items)}: one warm-up call each, then `repeats` rounds
+    that call every fn in turn (so machine noise hits all alike); best round per fn."""
+    best = {name: float("inf") for name in fns}
+    for name, (fn, _) in fns.items():
         fn()
-        best = min(best, time.perf_counter() - start)
-    return n_items / best
+    for _ in range(repeats):
+        for name, (fn, _) in fns.items():
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return {name: n / best[name] for name, (_, n) in fns.items()}
 
 
 def main() -> None:
@@ -49,7 +52,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="config overrides KEY=VALUE")
     parser.add_argument("--pairs", type=int, default=4096, help="pairs to generate (default 4096)")
     parser.add_argument("--steps", type=int, default=100, help="training steps timed (default 100)")
-    parser.add_argument("--repeats", type=int, default=3, help="repeats of each bare measurement (default 3)")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds per measurement (default 3)")
     args = parser.parse_args()
     cfg = load_config(args.config, args.overrides)
     t, s = cfg["teacher"], cfg["student"]
@@ -61,18 +64,27 @@ def main() -> None:
     b = cfg["pairs"]["batch_size"]
     rows = []
 
-    with torch.no_grad():
-        x, sigma = torch.randn(b, *shape), torch.full((b,), 1.0)
-        fwd = rate(lambda: teacher_model(x, sigma), b, args.repeats)
     with tempfile.TemporaryDirectory() as tmp:
         store = Path(tmp) / "pairs"
         gen = teacher_sampler(teacher, t["solver"], t["steps"], bf16=False)
-        kw = dict(data_shape=shape, num_classes=0, seed=0, meta={"bench": True}, batch_size=b, progress=False)
-        make_pairs(Path(tmp) / "warm", gen, n_pairs=b, shard_size=b, **kw)
-        start = time.perf_counter()
-        make_pairs(store, gen, n_pairs=args.pairs, shard_size=min(args.pairs, cfg["pairs"]["shard_size"]), **kw)
-        pairs_rate = args.pairs / (time.perf_counter() - start)
-        rows.append(("pair generation (pairs/s)", pairs_rate, fwd / nfe, f"bare forward {fwd:.0f}/s / NFE {nfe}"))
+        kw = dict(data_shape=shape, num_classes=0, meta={"bench": True}, batch_size=b, progress=False)
+        x, sigma = torch.randn(b, *shape), torch.full((b,), 1.0)
+        stores = iter(range(args.repeats + 2))
+
+        def forward_nfe() -> None:
+            with torch.no_grad():
+                for _ in range(nfe):
+                    teacher_model(x, sigma)
+
+        def pairs() -> None:
+            k = next(stores)
+            make_pairs(Path(tmp) / f"pairs{k}", gen, n_pairs=args.pairs, seed=k,
+                       shard_size=min(args.pairs, cfg["pairs"]["shard_size"]), **kw)
+
+        r = rates({"forward": (forward_nfe, b), "pairs": (pairs, args.pairs)}, args.repeats)
+        store = Path(tmp) / "pairs1"
+        rows.append(("pair generation (pairs/s)", r["pairs"], r["forward"],
+                     f"bare batched forward {r['forward'] * nfe:.0f}/s / NFE {nfe}"))
 
         objective = student_objective(s)
         bs = s["train"]["batch_size"]
@@ -86,7 +98,7 @@ def main() -> None:
             loss.backward()
             opt.step()
 
-        bare = rate(lambda: [bare_step() for _ in range(10)], 10 * bs, args.repeats)
+        bare = rates({"bare": (lambda: [bare_step() for _ in range(10)], 10 * bs)}, args.repeats)["bare"]
         source = PairSource(store, seed=0)
         kw = dict(batch_size=bs, lr=1e-4, ema_halflife=s["train"]["ema_halflife"], warmup_steps=0,
                   grad_clip=s["train"]["grad_clip"], bf16=False, seed=0, log_every=args.steps // 5,
@@ -102,8 +114,9 @@ def main() -> None:
 
     student.eval()
     z = torch.randn(b, *shape)
-    student_rate = rate(lambda: sample_lines(student, z, [0.0]), b, args.repeats)
-    teacher_rate = rate(lambda: sample_teacher(teacher, z, t["steps"], t["solver"]), b, args.repeats)
+    r = rates({"student": (lambda: sample_lines(student, z, [0.0]), b),
+               "teacher": (lambda: sample_teacher(teacher, z, t["steps"], t["solver"]), b)}, args.repeats)
+    student_rate, teacher_rate = r["student"], r["teacher"]
     rows.append(("student NFE 1 sampling (samples/s)", student_rate, teacher_rate * nfe,
                  f"teacher {t['solver']} NFE {nfe}: {teacher_rate:.0f}/s, x NFE"))
 
