@@ -60,8 +60,6 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
-    import torch
-
     from lmm import pipeline
     from lmm.dist import resolve_device
     from lmm.models import load_model
