@@ -15,7 +15,7 @@ TOY_FAST = ["teacher.train.steps=300", "student.train.steps=300", "teacher.train
 
 def test_help_documents_every_option(capsys):
     parser = build_parser()
-    for command in (["config"], ["teacher", "train"], ["pairs"], ["train"], ["sample"], ["demo"], ["report"]):
+    for command in (["config"], ["teacher", "train"], ["pairs"], ["train"], ["sample"], ["eval"], ["demo"], ["report"]):
         with pytest.raises(SystemExit) as exit_:
             parser.parse_args([*command, "--help"])
         assert exit_.value.code == 0
@@ -78,3 +78,27 @@ def test_demo_on_moons_student_beats_one_step_teacher(tmp_path):
     assert "Time per stage" in page and "train student" in page and "<svg" in page
     assert set(json.loads((run / "timings.json").read_text())) == {
         "train teacher", "generate pairs", "train student", "sample + evaluate"}
+    # lmm eval on the demo's own sample file and on the student sampled afresh gives the demo's figure
+    out = tmp_path / "eval.json"
+    assert main(["eval", "-c", str(preset), f"run.dir={run}", *TOY_FAST, "--samples",
+                 str(run / "samples" / "student_lines_nfe_1.npz"), "--model", str(run / "student"), "--nfe", "1",
+                 "--out", str(out)]) == 0
+    scored = json.loads(out.read_text())["results"]
+    assert len(scored) == 2
+    for row in scored:
+        assert abs(row[key] - student1) < 1e-9 * max(1.0, student1)
+
+
+def test_eval_reference_cache_is_reused_and_refuses_other_data(tmp_path, capsys):
+    images = tmp_path / "s.npz"
+    rng = np.random.default_rng(0)
+    np.savez(images, images=rng.integers(0, 256, (50, 8, 8, 1), dtype=np.uint8))
+    cache = tmp_path / "ref.npz"
+    common = ["eval", "--samples", str(images), "--ref-cache", str(cache), "--out", str(tmp_path / "m.json")]
+    assert main([*common, "data.n=300"]) == 0 and cache.is_file()
+    first = json.loads((tmp_path / "m.json").read_text())["results"][0]["fd_pixel"]
+    assert main([*common, "data.n=300"]) == 0
+    assert json.loads((tmp_path / "m.json").read_text())["results"][0]["fd_pixel"] == first
+    capsys.readouterr()
+    assert main([*common, "data.n=200"]) == 2
+    assert "ref.npz" in capsys.readouterr().err

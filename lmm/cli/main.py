@@ -81,6 +81,21 @@ def cmd_sample(args: argparse.Namespace) -> None:
     print(f"{path}: {args.n} samples, NFE {result['nfe']}")
 
 
+def cmd_eval(args: argparse.Namespace) -> None:
+    from lmm.evaluate import evaluate_inputs
+
+    if not args.samples and args.model is None:
+        raise ValueError("lmm eval needs --samples FILE.npz and/or --model PATH")
+    nfes = [int(k) for k in args.nfe.split(",")]
+    metrics = evaluate_inputs(_config(args), samples=args.samples, model=args.model, nfes=nfes, cache=args.ref_cache)
+    if dist.is_main():
+        save_json(args.out, metrics)
+        key = metrics["distance_key"]
+        for row in metrics["results"]:
+            print(f"{row['label']}: {key} {row[key]:.4f}  precision {row['precision']:.3f}  recall {row['recall']:.3f}")
+        print(args.out)
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from lmm import demo
 
@@ -150,6 +165,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bf16", action="store_true", help="bf16 autocast")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("eval", help="score sample files or a model at several NFE against a dataset",
+                       description="Frechet distance (eval.features: inception = FID, proxy, pixel) and precision/"
+                                   "recall of --samples files and/or --model sampled at each --nfe (teachers: Euler "
+                                   "with NFE steps; students: student.grid or the default grid), against data.* "
+                                   "(data.split picks train or test).", epilog=CONFIG_HELP, formatter_class=fmt)
+    _add_config_args(p)
+    p.add_argument("--samples", type=Path, nargs="*", default=[], help=".npz files from lmm sample (key 'images')")
+    p.add_argument("--model", type=Path, default=None, help="teacher or student model file or run folder")
+    p.add_argument("--nfe", default="1,2", help="comma-separated NFE list for --model (default 1,2)")
+    p.add_argument("--ref-cache", type=Path, default=None,
+                   help="reference statistics .npz: reused if made by the same network and data, else refused; "
+                        "written if absent")
+    p.add_argument("--out", type=Path, default=Path("metrics.json"), help="output JSON (default metrics.json)")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("demo", help="the whole pipeline on a preset (default: digits, ~10 min on 2 CPU cores)",
                        description="Train a teacher, make pairs, train a student, sample at NFE 1 and 2, evaluate, "
