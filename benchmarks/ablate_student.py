@@ -16,10 +16,9 @@ from pathlib import Path
 import torch
 
 from lmm.config import load_config
-from lmm.data.images import to_uint8
-from lmm.metrics import FeatureStats, frechet_distance_stats, get_extractor
+from lmm.evaluate import reference
 from lmm.models import load_model
-from lmm.pipeline import load_data, sample, train_student
+from lmm.pipeline import sample, train_student
 
 VARIANTS: dict[str, list[str]] = {
     "default": [],
@@ -46,15 +45,11 @@ def main() -> None:
     only = set(args.only.split(",")) if args.only else None
     base = load_config(args.config, [f"run.dir={args.run}", "run.progress=false"])
     e = base["eval"]
-    extractor = get_extractor(e["features"], "cpu")
-    real = FeatureStats()
-    real.add(extractor(to_uint8(load_data(base).x)))
+    ref = reference(base, torch.device("cpu"))
 
     def score(model: torch.nn.Module, **how) -> tuple[float, int]:
         out = sample(model, e["n"], seed=e["seed"], batch_size=e["batch_size"], **how)
-        fake = FeatureStats()
-        fake.add(extractor(out["images"]))
-        return frechet_distance_stats(real, fake), out["nfe"]
+        return score(ref, out["images"])[ref.key], out["nfe"]
 
     rows = []
     for name, overrides in VARIANTS.items():
@@ -77,7 +72,7 @@ def main() -> None:
                 rows.append({"variant": sname, "overrides": "(sampler only)", "nfe1": None, "nfe2": fd})
                 print(json.dumps(rows[-1]), flush=True)
 
-    key = {"pixel": "fd_pixel", "proxy": "fd_proxy", "inception": "fid"}[e["features"]]
+    key = ref.key
     print(f"\n| variant | overrides | {key} NFE 1 | {key} NFE 2 |\n|---|---|---|---|")
     for r in rows:
         nfe1 = "" if r["nfe1"] is None else f"{r['nfe1']:.3f}"

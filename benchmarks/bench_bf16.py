@@ -16,8 +16,7 @@ import torch
 
 from lmm.config import load_config
 from lmm.data.datasets import TensorSource
-from lmm.data.images import to_uint8
-from lmm.metrics import FeatureStats, frechet_distance_stats, get_extractor
+from lmm.evaluate import reference, score
 from lmm.models import build_model, load_model, student_objective
 from lmm.pipeline import load_data, sample
 from lmm.train import train
@@ -53,9 +52,7 @@ def main() -> None:
             rates[bf16] = args.steps * bs / (time.perf_counter() - start)
     print(f"| student training (samples/s) | {rates[False]:.0f} | {rates[True]:.0f} | {rates[True] / rates[False]:.2f} |")
 
-    extractor = get_extractor(e["features"], "cpu")
-    real = FeatureStats()
-    real.add(extractor(to_uint8(data.x)))
+    ref = reference(cfg, torch.device("cpu"))
     teacher, tmeta = load_model(args.run / "teacher")
     student, _ = load_model(args.run / "student")
     for name, model, how in (("teacher " + tmeta["teacher"]["solver"], teacher,
@@ -66,9 +63,7 @@ def main() -> None:
             start = time.perf_counter()
             res = sample(model, n, seed=e["seed"], batch_size=e["batch_size"], bf16=bf16, **how)
             seconds = time.perf_counter() - start
-            fake = FeatureStats()
-            fake.add(extractor(res["images"]))
-            out[bf16] = (n / seconds, frechet_distance_stats(real, fake))
+            out[bf16] = (n / seconds, score(ref, res["images"])[ref.key])
         print(f"| {name} sampling (samples/s) | {out[False][0]:.0f} | {out[True][0]:.0f} | "
               f"{out[True][0] / out[False][0]:.2f} |")
         print(f"| {name} quality ({e['features']} FD, {n} samples) | {out[False][1]:.4f} | {out[True][1]:.4f} | "

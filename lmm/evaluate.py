@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,30 +40,44 @@ def _features(extractor: Any, samples: np.ndarray) -> torch.Tensor:
     return torch.as_tensor(extractor(samples), dtype=torch.float64)
 
 
-def reference_stats(cfg: dict, extractor: Any, cache: Path | None = None) -> FeatureStats:
-    """Features of the dataset named by cfg["data"] (kept, for precision/recall), read from `cache` when it
-    holds them for the same extractor, network file and data (else refused), computed and cached otherwise."""
+@dataclass
+class Reference:
+    """What samples are scored against: the dataset's features (kept, for precision/recall), the extractor
+    (None for 2-D points, which are their own features) and the metric key of the distance."""
+    stats: FeatureStats
+    extractor: Any
+    key: str
+    name: str
+
+
+def reference(cfg: dict, device: torch.device, cache: Path | None = None) -> Reference:
+    """Reference of the dataset named by cfg["data"] on eval.features. Image statistics are read from `cache`
+    when it holds them for the same extractor, network file and data (else refused), else computed and cached."""
     data = load_data(cfg)
+    name = f"{data.name} ({cfg['data']['split']})"
     if data.x.dim() == 2:
         stats = FeatureStats(keep_features=True)
         stats.add(_features(None, data.x.numpy()))
-        return stats
+        return Reference(stats, None, "fd_points", name)
+    features = cfg["eval"]["features"]
+    extractor = get_extractor(features, device)
     images = to_uint8(data.x)
     data_hash = hash_images(images)
     if cache is not None and cache.is_file():
-        return load_stats(cache, extractor, data_hash)
-    stats = compute_stats(extractor, images, keep_features=True)
-    if cache is not None and dist.is_main():
-        save_stats(cache, stats, {"data": cfg["data"]}, extractor=extractor, data_hash=data_hash)
-    return stats
+        stats = load_stats(cache, extractor, data_hash)
+    else:
+        stats = compute_stats(extractor, images, keep_features=True)
+        if cache is not None and dist.is_main():
+            save_stats(cache, stats, {"data": cfg["data"]}, extractor=extractor, data_hash=data_hash)
+    return Reference(stats, extractor, DISTANCE_KEYS[features], name)
 
 
-def score(real: FeatureStats, extractor: Any, samples: np.ndarray, key: str) -> dict[str, float]:
-    """Frechet distance (under `key`) and precision/recall (k = 3) of samples against `real`."""
+def score(ref: Reference, samples: np.ndarray) -> dict[str, float]:
+    """Frechet distance (under ref.key) and precision/recall (k = 3) of samples against the reference."""
     fake = FeatureStats(keep_features=True)
-    fake.add(_features(extractor, samples))
-    pr = precision_recall(real.features, fake.features, k=3)
-    return {key: frechet_distance_stats(real, fake), "precision": pr["precision"], "recall": pr["recall"]}
+    fake.add(_features(ref.extractor, samples))
+    pr = precision_recall(ref.stats.features, fake.features, k=3)
+    return {ref.key: frechet_distance_stats(ref.stats, fake), "precision": pr["precision"], "recall": pr["recall"]}
 
 
 def sweep(model: torch.nn.Module | Teacher, nfes: list[int], student_grid: list[float]) -> list[dict[str, Any]]:
@@ -91,6 +106,21 @@ def trajectory_straightness(model: torch.nn.Module | Teacher, *, seed: int, solv
     return straightness([x.float().cpu() for x in states], times)
 
 
+def evaluate_sampler(cfg: dict, ref: Reference, role: str, model: torch.nn.Module | Teacher, how: dict[str, Any],
+                     device: torch.device) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Sample eval.n from eval.seed with the sampler `how` (see `sweep`); returns (metrics row, samples)."""
+    e = cfg["eval"]
+    start = time.perf_counter()
+    out = sample(model, e["n"], seed=e["seed"], batch_size=e["batch_size"], bf16=cfg["run"]["bf16"], device=device,
+                 progress=cfg["run"]["progress"] and dist.is_main(), **how)
+    seconds = time.perf_counter() - start
+    row = {"label": f"{role} {how['solver']} NFE {out['nfe']}", "model": role, "solver": how["solver"],
+           "nfe": out["nfe"], "time_grid": how.get("grid"), **score(ref, out["images"]), "seconds": round(seconds, 2),
+           "straightness": trajectory_straightness(model, seed=e["seed"], solver=how["solver"],
+                                                   steps=how.get("steps"), grid=how.get("grid"), device=device)}
+    return row, out
+
+
 def evaluate_run(cfg: dict, teacher_path: str | Path | None = None, student_path: str | Path | None = None) -> dict:
     """Sample the teacher (Euler at eval.teacher_nfe, and its own solver and steps) and the student
     (eval.student_nfe; student.grid for its own NFE, lmm.sampling.default_grid otherwise) from the same
@@ -99,9 +129,7 @@ def evaluate_run(cfg: dict, teacher_path: str | Path | None = None, student_path
     device = dist.init_distributed(cfg["run"]["device"]).device
     teacher_path = Path(teacher_path or run / "teacher" / "model.safetensors")
     student_path = Path(student_path or run / "student" / "model.safetensors")
-    data = load_data(cfg)
-    extractor = None if data.x.dim() == 2 else get_extractor(e["features"], device)
-    real = reference_stats(cfg, extractor)
+    ref = reference(cfg, device)
 
     teacher, tmeta = load_model(teacher_path, device)
     student, _ = load_model(student_path, device)
@@ -111,33 +139,22 @@ def evaluate_run(cfg: dict, teacher_path: str | Path | None = None, student_path
     runs.append(("teacher", teacher, {"solver": t["solver"], "steps": t["steps"]}))
     runs += [("student", student, how) for how in sweep(student, e["student_nfe"], cfg["student"]["grid"])]
 
-    key = DISTANCE_KEYS[e["features"]] if extractor is not None else "fd_points"
     rows = []
     for role, model, how in runs:
-        start = time.perf_counter()
-        out = sample(model, e["n"], seed=e["seed"], batch_size=e["batch_size"], bf16=cfg["run"]["bf16"],
-                     device=device, progress=cfg["run"]["progress"] and dist.is_main(), **how)
-        seconds = time.perf_counter() - start
-        label = f"{role} {how['solver']} NFE {out['nfe']}"
-        slug = label.replace(" ", "_").lower()
-        grid_png = None
+        row, out = evaluate_sampler(cfg, ref, role, model, how, device)
+        slug = row["label"].replace(" ", "_").lower()
+        row["grid"] = None
         if dist.is_main():
             save_samples(out, run / "samples" / f"{slug}.npz")
-            grid_png = f"samples/{slug}.png" if out["images"].ndim == 4 else None
-        rows.append({
-            "label": label, "model": role, "solver": how["solver"], "nfe": out["nfe"],
-            "grid": grid_png, "time_grid": how.get("grid"), **score(real, extractor, out["images"], key),
-            "seconds": round(seconds, 2),
-            "straightness": trajectory_straightness(model, seed=e["seed"], solver=how["solver"],
-                                                    steps=how.get("steps"), grid=how.get("grid"), device=device),
-        })
+            row["grid"] = f"samples/{slug}.png" if out["images"].ndim == 4 else None
+        rows.append(row)
+    features = e["features"] if ref.extractor is not None else "points"
     metrics = {
-        "distance_key": key,
-        "features": e["features"] if extractor is not None else "points",
-        "description": (f"{key}: Frechet distance on {e['features'] if extractor is not None else 'raw 2-D'} features "
-                        f"of {e['n']} samples (noise seed {e['seed']}) against {real.n} {data.name} "
-                        f"({cfg['data']['split']}) images; precision/recall with k=3 on the same features; "
-                        f"straightness on {STRAIGHTNESS_BATCH} trajectories."),
+        "distance_key": ref.key,
+        "features": features,
+        "description": (f"{ref.key}: Frechet distance on {features} features of {e['n']} samples (noise seed "
+                        f"{e['seed']}) against {ref.stats.n} {ref.name} images; precision/recall with k=3 on the "
+                        f"same features; straightness on {STRAIGHTNESS_BATCH} trajectories."),
         "teacher": str(teacher_path), "student": str(student_path), "results": rows,
     }
     if dist.is_main():
@@ -149,27 +166,18 @@ def evaluate_inputs(cfg: dict, *, samples: list[Path] = (), model: Path | None =
                     cache: Path | None = None) -> dict:
     """`lmm eval`: score sample files (.npz with `images`) and/or a model sampled at each NFE in `nfes`
     (see `sweep`) against the dataset of cfg["data"], with eval.features, eval.n samples and eval.seed."""
-    e = cfg["eval"]
     device = dist.init_distributed(cfg["run"]["device"]).device
-    points = cfg["data"]["name"] == "toy"
-    extractor = None if points else get_extractor(e["features"], device)
-    real = reference_stats(cfg, extractor, cache)
-    key = "fd_points" if points else DISTANCE_KEYS[e["features"]]
+    ref = reference(cfg, device, cache)
     rows = []
     for path in samples:
         with np.load(path) as f:
             if "images" not in f:
                 raise ValueError(f"{path}: no 'images' array (expected uint8 N x H x W x C from lmm sample)")
             images = f["images"]
-        rows.append({"label": str(path), "model": "file", **score(real, extractor, images, key)})
+        rows.append({"label": str(path), "model": "file", **score(ref, images)})
     if model is not None:
         net, meta = load_model(model, device)
-        for how in sweep(net, list(nfes), meta["config"]["student"]["grid"]):
-            out = sample(net, e["n"], seed=e["seed"], batch_size=e["batch_size"], device=device, **how)
-            rows.append({"label": f"{meta['role']} {how['solver']} NFE {out['nfe']}", "model": meta["role"],
-                         "solver": how["solver"], "nfe": out["nfe"], **score(real, extractor, out["images"], key),
-                         "straightness": trajectory_straightness(net, seed=e["seed"], solver=how["solver"],
-                                                                 steps=how.get("steps"), grid=how.get("grid"),
-                                                                 device=device)})
-    return {"distance_key": key, "features": "points" if points else e["features"],
-            "reference": f"{real.n} {cfg['data']['name']} ({cfg['data']['split']})", "results": rows}
+        rows += [evaluate_sampler(cfg, ref, meta["role"], net, how, device)[0]
+                 for how in sweep(net, list(nfes), meta["config"]["student"]["grid"])]
+    return {"distance_key": ref.key, "features": cfg["eval"]["features"] if ref.extractor is not None else "points",
+            "reference": f"{ref.stats.n} {ref.name}", "results": rows}
