@@ -144,7 +144,8 @@ def train(model: nn.Module, objective: Objective, source: BatchSource, *, run_di
 
     objective(model, batch) -> per-sample loss (batch_size,); the step loss is its mean. batch_size is per
     rank; the EMA halflife is in samples of the global batch. grad_clip 0 disables clipping.
-    Returns the EMA model (fp32, eval mode); rank 0 also writes run_dir/model.safetensors + model.json.
+    Returns the EMA model (fp32, eval mode); rank 0 also writes run_dir/model.safetensors + model.json (left
+    as they are when a finished run is called again, so that files made from the model stay valid).
     Raises FloatingPointError on a non-finite loss (no checkpoint is written for or after that step).
     """
     _check_args(steps, batch_size, lr, warmup_steps, grad_clip, ckpt_every, log_every, optimizer)
@@ -268,7 +269,7 @@ def train(model: nn.Module, objective: Objective, source: BatchSource, *, run_di
         window_t, window_steps = time.perf_counter(), 0
     pbar.close()
 
-    if main:
+    if main and (start < steps or not (run_dir / "model.safetensors").is_file()):
         save_model(run_dir / "model", ema.state_dict(), {**meta, "step": steps})
     barrier()
     return ema
