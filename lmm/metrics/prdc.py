@@ -41,13 +41,15 @@ def _covered(queries: Tensor, centres: Tensor, radii: Tensor, max_bytes: int) ->
 
 
 def precision_recall(real_feats: Tensor | np.ndarray, fake_feats: Tensor | np.ndarray, k: int = 3,
-                     max_bytes: int = 256 << 20, device: str | torch.device | None = None) -> dict[str, float]:
+                     max_bytes: int = 256 << 20, device: str | torch.device | None = None,
+                     real_radii: Tensor | None = None) -> dict[str, float]:
     """Precision and recall of fake (M, D) against real (N, D) features.
 
     Each set's manifold is the union of balls around its samples with radius the distance to
     the sample's k-th nearest neighbour in the same set. precision = fraction of fakes inside
     the real manifold; recall = fraction of reals inside the fake manifold. Pairwise distances
-    (float32, torch.cdist) are computed in row chunks of at most ``max_bytes``.
+    (float32, torch.cdist) are computed in row chunks of at most ``max_bytes``. ``real_radii``
+    (N,): ``knn_radii(real_feats, k)`` when already known (it does not depend on the fakes).
     """
     real = _as_f32(real_feats, "real_feats")
     fake = _as_f32(fake_feats, "fake_feats")
@@ -55,7 +57,9 @@ def precision_recall(real_feats: Tensor | np.ndarray, fake_feats: Tensor | np.nd
         raise ValueError(f"precision_recall: real dim {real.shape[1]} != fake dim {fake.shape[1]}")
     if device is not None:
         real, fake = real.to(device), fake.to(device)
-    r_real = knn_radii(real, k, max_bytes)
+    if real_radii is not None and tuple(real_radii.shape) != (real.shape[0],):
+        raise ValueError(f"precision_recall: real_radii shape {tuple(real_radii.shape)}, expected ({real.shape[0]},)")
+    r_real = knn_radii(real, k, max_bytes) if real_radii is None else real_radii.to(real.device, torch.float32)
     r_fake = knn_radii(fake, k, max_bytes)
     precision = _covered(fake, real, r_real, max_bytes).float().mean().item()
     recall = _covered(real, fake, r_fake, max_bytes).float().mean().item()
