@@ -88,6 +88,7 @@ DEFAULTS: dict[str, Any] = {
     },
     "eval": {
         "features": "pixel",
+        "split": "",
         "n": 1797,
         "batch_size": 600,
         "seed": 12345,

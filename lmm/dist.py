@@ -88,12 +88,18 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     return out / dist.get_world_size()
 
 
+def _comm_device(t: torch.Tensor) -> torch.device:
+    """Where a collective on t runs: the current CUDA device under NCCL (which cannot send CPU tensors)."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else t.device
+
+
 def all_reduce_min(t: torch.Tensor) -> torch.Tensor:
-    """Elementwise minimum over ranks (a new tensor)."""
-    out = t.detach().clone()
-    if is_initialized():
-        dist.all_reduce(out, op=dist.ReduceOp.MIN)
-    return out
+    """Elementwise minimum over ranks (a new tensor on t's device)."""
+    if not is_initialized():
+        return t.detach().clone()
+    out = t.detach().to(_comm_device(t), copy=True)
+    dist.all_reduce(out, op=dist.ReduceOp.MIN)
+    return out.to(t.device)
 
 
 def all_gather_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -103,7 +109,8 @@ def all_gather_tensor(t: torch.Tensor) -> torch.Tensor:
     """
     if not is_initialized():
         return t
-    world = dist.get_world_size()
+    world, home = dist.get_world_size(), t.device
+    t = t.to(_comm_device(t))
     size = torch.tensor([t.shape[0]], dtype=torch.int64, device=t.device)
     sizes = [torch.zeros_like(size) for _ in range(world)]
     dist.all_gather(sizes, size)
@@ -113,7 +120,7 @@ def all_gather_tensor(t: torch.Tensor) -> torch.Tensor:
     padded[: t.shape[0]] = t
     parts = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(parts, padded.contiguous())
-    return torch.cat([p[:n] for p, n in zip(parts, counts)])
+    return torch.cat([p[:n] for p, n in zip(parts, counts)]).to(home)
 
 
 def cleanup() -> None:

@@ -1,6 +1,7 @@
 """Score a run: teacher and student samples at several NFE against the dataset, into RUN_DIR/metrics.json."""
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,13 +12,14 @@ import torch
 
 from lmm import dist
 from lmm.data.images import to_uint8
-from lmm.io import save_json
+from lmm.io import file_sha256, save_json
 from lmm.metrics import (
     FeatureStats,
     compute_stats,
     frechet_distance_stats,
     get_extractor,
     hash_images,
+    knn_radii,
     load_stats,
     precision_recall,
     save_stats,
@@ -33,50 +35,56 @@ DISTANCE_KEYS = {"inception": "fid", "proxy": "fd_proxy", "pixel": "fd_pixel"}
 STRAIGHTNESS_BATCH = 256
 
 
-def _features(extractor: Any, samples: np.ndarray) -> torch.Tensor:
-    """(N, D) features: the extractor's for images (N, H, W, C) uint8, the points themselves for 2-D data."""
+def _stats(extractor: Any, samples: np.ndarray) -> FeatureStats:
+    """Statistics (features kept) of images (N, H, W, C) uint8 on the extractor, shared across torchrun ranks
+    (lmm.metrics.compute_stats), or of 2-D points (N, 2) as their own features."""
     if samples.ndim == 2:
-        return torch.as_tensor(samples, dtype=torch.float64)
-    return torch.as_tensor(extractor(samples), dtype=torch.float64)
+        stats = FeatureStats(keep_features=True)
+        stats.add(torch.as_tensor(samples, dtype=torch.float64))
+        return stats
+    return compute_stats(extractor, samples, keep_features=True)
 
 
 @dataclass
 class Reference:
     """What samples are scored against: the dataset's features (kept, for precision/recall), the extractor
-    (None for 2-D points, which are their own features) and the metric key of the distance."""
+    (None for 2-D points, which are their own features), the metric key of the distance and the k-NN radii
+    of the reference features (computed on first use)."""
     stats: FeatureStats
     extractor: Any
     key: str
     name: str
+    radii: torch.Tensor | None = None
 
 
 def reference(cfg: dict, device: torch.device, cache: Path | None = None) -> Reference:
-    """Reference of the dataset named by cfg["data"] on eval.features. Image statistics are read from `cache`
-    when it holds them for the same extractor, network file and data (else refused), else computed and cached."""
-    data = load_data(cfg)
-    name = f"{data.name} ({cfg['data']['split']})"
+    """Reference of the dataset named by cfg["data"], split eval.split (data.split when empty), on eval.features.
+    Image statistics are read from `cache` when it holds them for the same extractor, network file and data
+    (else refused), else computed (shared across torchrun ranks) and cached."""
+    split = cfg["eval"]["split"] or cfg["data"]["split"]
+    data = load_data({**cfg, "data": {**cfg["data"], "split": split}})
+    name = data.name
     if data.x.dim() == 2:
-        stats = FeatureStats(keep_features=True)
-        stats.add(_features(None, data.x.numpy()))
-        return Reference(stats, None, "fd_points", name)
+        return Reference(_stats(None, data.x.numpy()), None, "fd_points", name)
     features = cfg["eval"]["features"]
-    extractor = get_extractor(features, device)
+    extractor = get_extractor(features, device, progress=cfg["run"]["progress"] and dist.is_main())
     images = to_uint8(data.x)
     data_hash = hash_images(images)
     if cache is not None and cache.is_file():
         stats = load_stats(cache, extractor, data_hash)
     else:
-        stats = compute_stats(extractor, images, keep_features=True)
+        stats = _stats(extractor, images)
         if cache is not None and dist.is_main():
-            save_stats(cache, stats, {"data": cfg["data"]}, extractor=extractor, data_hash=data_hash)
+            save_stats(cache, stats, {"data": cfg["data"], "split": split}, extractor=extractor, data_hash=data_hash)
     return Reference(stats, extractor, DISTANCE_KEYS[features], name)
 
 
 def score(ref: Reference, samples: np.ndarray) -> dict[str, float]:
     """Frechet distance (under ref.key) and precision/recall (k = 3) of samples against the reference."""
-    fake = FeatureStats(keep_features=True)
-    fake.add(_features(ref.extractor, samples))
-    pr = precision_recall(ref.stats.features, fake.features, k=3)
+    fake = _stats(ref.extractor, samples)
+    if ref.radii is None:
+        ref.radii = knn_radii(ref.stats.features, 3)
+    pr = precision_recall(ref.stats.features, fake.features, k=3, real_radii=ref.radii)
     return {ref.key: frechet_distance_stats(ref.stats, fake), "precision": pr["precision"], "recall": pr["recall"]}
 
 
@@ -121,15 +129,24 @@ def evaluate_sampler(cfg: dict, ref: Reference, role: str, model: torch.nn.Modul
     return row, out
 
 
+def _row_key(role: str, how: dict[str, Any]) -> str:
+    return json.dumps({"model": role, **how}, sort_keys=True)
+
+
 def evaluate_run(cfg: dict, teacher_path: str | Path | None = None, student_path: str | Path | None = None) -> dict:
     """Sample the teacher (Euler at eval.teacher_nfe, and its own solver and steps) and the student
     (eval.student_nfe; student.grid for its own NFE, lmm.sampling.default_grid otherwise) from the same
-    seeded noise; write samples, grids and RUN_DIR/metrics.json."""
+    seeded noise; write samples, grids and RUN_DIR/metrics.json.
+
+    metrics.json is rewritten after every row, and a rerun with the same models and eval settings keeps the
+    rows already there, so an interrupted evaluation resumes. Reference statistics are cached in
+    RUN_DIR/reference-FEATURES-SPLIT.npz (refused if the network or data changed)."""
     e, run = cfg["eval"], run_dir(cfg)
     device = dist.init_distributed(cfg["run"]["device"]).device
     teacher_path = Path(teacher_path or run / "teacher" / "model.safetensors")
     student_path = Path(student_path or run / "student" / "model.safetensors")
-    ref = reference(cfg, device)
+    split = e["split"] or cfg["data"]["split"]
+    ref = reference(cfg, device, run / f"reference-{e['features']}-{split}.npz")
 
     teacher, tmeta = load_model(teacher_path, device)
     student, _ = load_model(student_path, device)
@@ -139,26 +156,37 @@ def evaluate_run(cfg: dict, teacher_path: str | Path | None = None, student_path
     runs.append(("teacher", teacher, {"solver": t["solver"], "steps": t["steps"]}))
     runs += [("student", student, how) for how in sweep(student, e["student_nfe"], cfg["student"]["grid"])]
 
-    rows = []
-    for role, model, how in runs:
-        row, out = evaluate_sampler(cfg, ref, role, model, how, device)
-        slug = row["label"].replace(" ", "_").lower()
-        row["grid"] = None
-        if dist.is_main():
-            save_samples(out, run / "samples" / f"{slug}.npz")
-            row["grid"] = f"samples/{slug}.png" if out["images"].ndim == 4 else None
-        rows.append(row)
     features = e["features"] if ref.extractor is not None else "points"
+    settings = {"features": features, "reference": ref.name, "reference_n": ref.stats.n, "n": e["n"],
+                "seed": e["seed"], "bf16": cfg["run"]["bf16"], "teacher_sha256": file_sha256(teacher_path),
+                "student_sha256": file_sha256(student_path)}
     metrics = {
         "distance_key": ref.key,
         "features": features,
         "description": (f"{ref.key}: Frechet distance on {features} features of {e['n']} samples (noise seed "
                         f"{e['seed']}) against {ref.stats.n} {ref.name} images; precision/recall with k=3 on the "
                         f"same features; straightness on {STRAIGHTNESS_BATCH} trajectories."),
-        "teacher": str(teacher_path), "student": str(student_path), "results": rows,
+        "teacher": str(teacher_path), "student": str(student_path), "settings": settings, "results": [],
     }
+    path = run / "metrics.json"
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    done = {r["key"]: r for r in old.get("results", []) if "key" in r} if old.get("settings") == settings else {}
+    for role, model, how in runs:
+        key = _row_key(role, how)
+        if key in done:
+            metrics["results"].append(done[key])
+            continue
+        row, out = evaluate_sampler(cfg, ref, role, model, how, device)
+        slug = row["label"].replace(" ", "_").lower()
+        row["grid"], row["key"] = None, key
+        if dist.is_main():
+            save_samples(out, run / "samples" / f"{slug}.npz")
+            row["grid"] = f"samples/{slug}.png" if out["images"].ndim == 4 else None
+        metrics["results"].append(row)
+        if dist.is_main():
+            save_json(path, metrics)
     if dist.is_main():
-        save_json(run / "metrics.json", metrics)
+        save_json(path, metrics)
     return metrics
 
 

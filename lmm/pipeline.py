@@ -41,6 +41,8 @@ def run_dir(cfg: dict) -> Path:
 def load_data(cfg: dict) -> ImageData:
     d = cfg["data"]
     kw: dict[str, Any] = {"split": d["split"]} if d["name"] == "fashion_mnist" else {}
+    if not kw and d["split"] != "train":
+        raise ValueError(f"data.split / eval.split = {d['split']!r}: dataset '{d['name']}' has only one split ('train')")
     if d["name"] == "toy":
         kw = {"kind": d["toy"], "n": d["n"] or 20_000, "seed": cfg["run"]["seed"]}
     elif d["name"] == "image_folder":
@@ -166,16 +168,22 @@ def sample(model: torch.nn.Module | Teacher, n: int, *, seed: int, batch_size: i
            grid: list[float] | None = None, mode: str = "line", solver: str = "euler", steps: int | None = None,
            bf16: bool = False, device: str | torch.device = "cpu", progress: bool = False) -> dict[str, Any]:
     """Draw n samples. Teachers: `solver` with `steps` intervals; students: the line sampler on `grid`
-    (default grid for `nfe`). Returns {"images": uint8 (N,H,W,C), "labels": (N,) or None, "nfe": int}."""
+    (default grid for `nfe`). Returns {"images": uint8 (N,H,W,C) (float (N, D) for vector data),
+    "labels": (N,) or None, "nfe": int}. Under torchrun each rank samples a contiguous share of the seeded
+    noise batches and every rank returns all n samples, identical to a single process's."""
     device = torch.device(device)
     is_teacher = isinstance(model, Teacher)
     inner = model.model if is_teacher else model
     shape, ncls = tuple(inner.data_shape), inner.num_classes
     if not is_teacher:
         grid = list(grid if grid is not None else default_grid(nfe or 1))
-    images, labels, used = [], [], 0
+    n_batches, rank, world = -(-n // batch_size), dist.rank(), dist.world_size()
+    mine = range(n_batches * rank // world, n_batches * (rank + 1) // world)
+    images, labels, used = [torch.empty(0, *shape)], [torch.empty(0, dtype=torch.long)], 0
     bar = tqdm(total=n, desc="sample", unit="img", disable=not progress, leave=False)
-    for z, y in noise_batches(n, batch_size, shape, ncls, seed):
+    for i, (z, y) in enumerate(noise_batches(n, batch_size, shape, ncls, seed)):
+        if i not in mine:
+            continue
         z, y = z.to(device), None if y is None else y.to(device)
         with _autocast(device, bf16):
             if is_teacher:
@@ -184,12 +192,14 @@ def sample(model: torch.nn.Module | Teacher, n: int, *, seed: int, batch_size: i
                 sol = sample_lines(model, z, grid, y, mode=mode)
         used = sol.nfe
         images.append(sol.x.float().cpu())
-        bar.update(z.shape[0])
+        bar.update(z.shape[0] * world)
         if y is not None:
             labels.append(y.cpu())
     bar.close()
-    x = torch.cat(images)
-    return {"images": to_uint8(x) if x.dim() == 4 else x.numpy(), "labels": torch.cat(labels).numpy() if labels else None,
+    x = dist.all_gather_tensor(torch.cat(images))
+    y = dist.all_gather_tensor(torch.cat(labels)) if ncls else None
+    used = -int(dist.all_reduce_min(torch.tensor([-used])).item())
+    return {"images": to_uint8(x) if x.dim() == 4 else x.numpy(), "labels": None if y is None else y.numpy(),
             "nfe": used}
 
 
@@ -208,7 +218,8 @@ def save_samples(result: dict[str, Any], path: str | Path, grid_n: int = 64) -> 
 
 
 class Timer:
-    """Collects wall-clock seconds per named stage into `timings` and a JSON file."""
+    """Wall-clock seconds per named stage in `timings` and a JSON file. Seconds add up over invocations, so a
+    stage that was interrupted and resumed (or rerun and found finished) shows the total time spent in it."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -218,6 +229,6 @@ class Timer:
     def stage(self, name: str):
         start = time.perf_counter()
         yield
-        self.timings[name] = round(time.perf_counter() - start, 2)
+        self.timings[name] = round(self.timings.get(name, 0.0) + time.perf_counter() - start, 2)
         if dist.is_main():
             save_json(self.path, self.timings)

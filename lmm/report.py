@@ -60,6 +60,16 @@ def svg_plot(series: dict[str, list[tuple[float, float]]], xlabel: str, ylabel: 
     return "\n".join(out)
 
 
+def nfe_plot(rows: list[dict[str, Any]], key: str) -> str:
+    """SVG of distance `key` against NFE (log-log), one curve per model and solver, from metrics rows."""
+    curves: dict[str, list[tuple[float, float]]] = {}
+    for r in rows:
+        if "nfe" in r:
+            label = r["model"] + (f" ({r['solver']})" if r.get("solver") else "")
+            curves.setdefault(label, []).append((float(r["nfe"]), float(r[key])))
+    return svg_plot({k: sorted(v) for k, v in curves.items()}, "NFE", key, logx=True, logy=True)
+
+
 def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     def fmt(v: Any) -> str:
         return f"{v:.4g}" if isinstance(v, float) else html.escape(str(v))
@@ -88,11 +98,7 @@ def build_report(run: str | Path, title: str | None = None) -> Path:
         cols = ["label", "model", "solver", "nfe", key] + [c for c in ("precision", "recall", "straightness", "seconds")
                                                            if any(c in r for r in rows)]
         parts.append(f"<h2>Metrics</h2><p>{html.escape(metrics.get('description', ''))}</p>" + _table(rows, cols))
-        curves = {}
-        for r in rows:
-            curves.setdefault(r["model"] + (f" ({r['solver']})" if r.get("solver") else ""), []).append(
-                (float(r["nfe"]), float(r[key])))
-        parts.append(svg_plot({k: sorted(v) for k, v in curves.items()}, "NFE", key, logx=True, logy=True))
+        parts.append(nfe_plot(rows, key))
     losses = {}
     for stage in ("teacher", "student"):
         log = _read_log(run / stage / "log.jsonl")

@@ -87,6 +87,21 @@ def test_demo_on_moons_student_beats_one_step_teacher(tmp_path):
     assert len(scored) == 2
     for row in scored:
         assert abs(row[key] - student1) < 1e-9 * max(1.0, student1)
+    assert out.with_suffix(".svg").read_text().startswith("<svg")
+    # an evaluation cut short resumes: the rows already in metrics.json are kept, the missing ones recomputed
+    cut = {**metrics, "results": metrics["results"][:-2]}
+    (run / "metrics.json").write_text(json.dumps(cut))
+    assert main(["demo", "-c", str(preset), f"run.dir={run}", *TOY_FAST]) == 0
+    resumed = json.loads((run / "metrics.json").read_text())["results"]
+    assert [r["label"] for r in resumed] == [r["label"] for r in metrics["results"]]
+    assert resumed[:-2] == metrics["results"][:-2]
+    for a, b in zip(resumed[-2:], metrics["results"][-2:]):
+        assert abs(a[key] - b[key]) < 1e-9 * max(1.0, b[key])
+    # other eval settings start the table afresh
+    assert main(["demo", "-c", str(preset), f"run.dir={run}", *TOY_FAST, "eval.n=500"]) == 0
+    fresh = json.loads((run / "metrics.json").read_text())
+    assert fresh["settings"]["n"] == 500
+    assert all(r[key] != m[key] for r, m in zip(fresh["results"], metrics["results"]))
 
 
 def test_eval_reference_cache_is_reused_and_refuses_other_data(tmp_path, capsys):

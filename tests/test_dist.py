@@ -1,12 +1,14 @@
 """DDP under torchrun (2 CPU ranks, gloo) trains like one process with twice the per-rank batch."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from lmm import dist
@@ -118,3 +120,28 @@ def test_single_process_helpers_are_noops() -> None:
     assert dist.resolve_device("auto") == torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
     dist.barrier()
     dist.cleanup()
+
+
+def test_sample_and_eval_under_torchrun_equal_one_process(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    common = [f"run.dir={run}", "teacher.net.channels=8", "run.progress=false", "teacher.train.steps=3",
+              "teacher.train.batch_size=16", "teacher.steps=2", "eval.n=300", "eval.batch_size=64", "data.n=200"]
+    lmm = ["-m", "lmm.cli.main"]
+    _run([*lmm, "teacher", "train", *common], tmp_path)
+    model = str(run / "teacher")
+    torchrun = ["-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "-m", "lmm.cli.main"]
+    for launcher, tag in ((lmm, "one"), (torchrun, "two")):
+        _run([*launcher, "sample", "--model", model, "--solver", "euler", "--steps", "2", "-n", "150",
+              "--batch-size", "32", "--out", str(tmp_path / f"{tag}.npz")], tmp_path)
+        _run([*launcher, "eval", *common, "--model", model, "--nfe", "1,2", "--samples", str(tmp_path / "one.npz"),
+              "--ref-cache", str(tmp_path / f"ref-{tag}.npz"), "--out", str(tmp_path / f"{tag}.json")], tmp_path)
+    one, two = (np.load(tmp_path / f"{tag}.npz")["images"] for tag in ("one", "two"))
+    assert one.shape == (150, 8, 8, 1) and np.array_equal(one, two)
+    rows = [json.loads((tmp_path / f"{tag}.json").read_text())["results"] for tag in ("one", "two")]
+    assert [r["label"] for r in rows[0]] == [r["label"] for r in rows[1]] and len(rows[0]) == 3
+    for a, b in zip(*rows):
+        for key in ("fd_pixel", "precision", "recall"):
+            assert abs(a[key] - b[key]) <= 1e-9 * max(1.0, abs(a[key])), (a["label"], key)
+    refs = [np.load(tmp_path / f"ref-{tag}.npz") for tag in ("one", "two")]
+    assert (tmp_path / "two.svg").read_text().startswith("<svg")
+    assert int(refs[1]["n"]) == 200 and np.allclose(refs[0]["sigma"], refs[1]["sigma"], rtol=0, atol=1e-12)

@@ -30,6 +30,13 @@ def _save_config(cfg: dict) -> None:
         save_json(Path(cfg["run"]["dir"]) / "config.json", cfg)
 
 
+def _stage(cfg: dict, name: str):
+    """Time a stage into RUN_DIR/timings.json (the report's time per stage), as `lmm demo` does."""
+    from lmm.pipeline import Timer
+
+    return Timer(Path(cfg["run"]["dir"]) / "timings.json").stage(name)
+
+
 def cmd_config(args: argparse.Namespace) -> None:
     for key, value in flat_keys(_config(args)):
         print(f"{key} = {json.dumps(value)}")
@@ -40,7 +47,9 @@ def cmd_teacher_train(args: argparse.Namespace) -> None:
 
     cfg = _config(args)
     _save_config(cfg)
-    print(pipeline.train_teacher(cfg))
+    with _stage(cfg, "train teacher"):
+        path = pipeline.train_teacher(cfg)
+    print(path)
 
 
 def cmd_pairs(args: argparse.Namespace) -> None:
@@ -48,7 +57,9 @@ def cmd_pairs(args: argparse.Namespace) -> None:
 
     cfg = _config(args)
     _save_config(cfg)
-    print(pipeline.generate_pairs(cfg, teacher_path=args.teacher, store=args.out))
+    with _stage(cfg, "generate pairs"):
+        path = pipeline.generate_pairs(cfg, teacher_path=args.teacher, store=args.out)
+    print(path)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -56,15 +67,16 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     cfg = _config(args)
     _save_config(cfg)
-    print(pipeline.train_student(cfg, store=args.pairs, teacher_path=args.teacher))
+    with _stage(cfg, "train student"):
+        path = pipeline.train_student(cfg, store=args.pairs, teacher_path=args.teacher)
+    print(path)
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
     from lmm import pipeline
-    from lmm.dist import resolve_device
     from lmm.models import load_model
 
-    device = resolve_device(args.device)
+    device = dist.init_distributed(args.device).device
     model, meta = load_model(args.model, device)
     grid = [float(g) for g in args.grid.split(",")] if args.grid else None
     if meta["role"] == "teacher":
@@ -76,9 +88,10 @@ def cmd_sample(args: argparse.Namespace) -> None:
         solver, steps = "lines", None
     result = pipeline.sample(model, args.n, seed=args.seed, batch_size=args.batch_size, nfe=args.nfe, grid=grid,
                              mode=args.mode, solver=solver, steps=steps, bf16=args.bf16, device=device,
-                             progress=True)
-    path = pipeline.save_samples(result, args.out)
-    print(f"{path}: {args.n} samples, NFE {result['nfe']}")
+                             progress=dist.is_main())
+    if dist.is_main():
+        path = pipeline.save_samples(result, args.out)
+        print(f"{path}: {args.n} samples, NFE {result['nfe']}")
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -89,11 +102,20 @@ def cmd_eval(args: argparse.Namespace) -> None:
     nfes = [int(k) for k in args.nfe.split(",")]
     metrics = evaluate_inputs(_config(args), samples=args.samples, model=args.model, nfes=nfes, cache=args.ref_cache)
     if dist.is_main():
+        from lmm.io import atomic_write_text
+        from lmm.report import nfe_plot
+
         save_json(args.out, metrics)
         key = metrics["distance_key"]
         for row in metrics["results"]:
-            print(f"{row['label']}: {key} {row[key]:.4f}  precision {row['precision']:.3f}  recall {row['recall']:.3f}")
+            extra = f"  straightness {row['straightness']:.4f}" if "straightness" in row else ""
+            print(f"{row['label']}: {key} {row[key]:.4f}  precision {row['precision']:.3f}  "
+                  f"recall {row['recall']:.3f}{extra}")
         print(args.out)
+        plot = nfe_plot(metrics["results"], key)
+        if plot:
+            atomic_write_text(args.out.with_suffix(".svg"), plot)
+            print(args.out.with_suffix(".svg"))
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -178,7 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ref-cache", type=Path, default=None,
                    help="reference statistics .npz: reused if made by the same network and data, else refused; "
                         "written if absent")
-    p.add_argument("--out", type=Path, default=Path("metrics.json"), help="output JSON (default metrics.json)")
+    p.add_argument("--out", type=Path, default=Path("metrics.json"),
+                   help="output JSON (default metrics.json); with --model, OUT.svg gets the distance-against-NFE plot")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("demo", help="the whole pipeline on a preset (default: digits, ~10 min on 2 CPU cores)",

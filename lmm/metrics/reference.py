@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch.distributed as dist
 from torch import Tensor
 
 from lmm.io import atomic_path
@@ -28,11 +29,17 @@ def hash_images(images: Tensor | np.ndarray) -> str:
 
 def compute_stats(extractor: FeatureExtractor, images: Tensor | np.ndarray, *,
                   keep_features: bool = False) -> FeatureStats:
-    """Feature statistics of uint8 images (N, H, W, C), streamed one extractor batch at a time."""
+    """Feature statistics of uint8 images (N, H, W, C), streamed one extractor batch at a time.
+
+    Under torchrun every rank must call it with the same images: each extracts a contiguous share and
+    all receive the statistics (and kept features, in image order) of the whole set.
+    """
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    n = images.shape[0]
     stats = FeatureStats(dim=None, keep_features=keep_features)
-    for feats in extractor.iter_features(images):
+    for feats in extractor.iter_features(images[n * rank // world: n * (rank + 1) // world]):
         stats.add(feats)
-    return stats
+    return stats.all_gather()
 
 
 def _identity(extractor: FeatureExtractor) -> dict[str, str]:
