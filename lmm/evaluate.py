@@ -79,9 +79,21 @@ def reference(cfg: dict, device: torch.device, cache: Path | None = None) -> Ref
     return Reference(stats, extractor, DISTANCE_KEYS[features], name)
 
 
-def score(ref: Reference, samples: np.ndarray) -> dict[str, float]:
-    """Frechet distance (under ref.key) and precision/recall (k = 3) of samples against the reference."""
+def reference_file(path: Path, features: str, device: torch.device, progress: bool = True) -> Reference:
+    """Reference from a statistics file alone (written by lmm.metrics.save_stats: `lmm eval --ref-cache`,
+    RUN/reference-*.npz), without reading the dataset; refused if made by another extractor or network file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"--ref {path}: no such statistics file")
+    extractor = get_extractor(features, device, progress=progress)
+    return Reference(load_stats(path, extractor), extractor, DISTANCE_KEYS[features], str(path))
+
+
+def score(ref: Reference, samples: np.ndarray) -> dict[str, float | None]:
+    """Frechet distance (under ref.key) and precision/recall (k = 3; None when the reference kept no
+    features) of samples against the reference."""
     fake = _stats(ref.extractor, samples)
+    if ref.stats.features is None:
+        return {ref.key: frechet_distance_stats(ref.stats, fake), "precision": None, "recall": None}
     if ref.radii is None:
         ref.radii = knn_radii(ref.stats.features, 3)
     pr = precision_recall(ref.stats.features, fake.features, k=3, real_radii=ref.radii)
@@ -191,11 +203,16 @@ def evaluate_run(cfg: dict, teacher_path: str | Path | None = None, student_path
 
 
 def evaluate_inputs(cfg: dict, *, samples: list[Path] = (), model: Path | None = None, nfes: list[int] = (),
-                    cache: Path | None = None) -> dict:
+                    cache: Path | None = None, ref_file: Path | None = None) -> dict:
     """`lmm eval`: score sample files (.npz with `images`) and/or a model sampled at each NFE in `nfes`
-    (see `sweep`) against the dataset of cfg["data"], with eval.features, eval.n samples and eval.seed."""
+    (see `sweep`) against the dataset of cfg["data"] (split eval.split; statistics cached in `cache`) or,
+    given `ref_file`, against that statistics file alone; with eval.features, eval.n samples and eval.seed."""
     device = dist.init_distributed(cfg["run"]["device"]).device
-    ref = reference(cfg, device, cache)
+    if ref_file is not None and cache is not None:
+        raise ValueError("lmm eval: give --ref (a statistics file alone) or --ref-cache (dataset + cache), not both")
+    progress = cfg["run"]["progress"] and dist.is_main()
+    ref = reference(cfg, device, cache) if ref_file is None else reference_file(ref_file, cfg["eval"]["features"],
+                                                                               device, progress)
     rows = []
     for path in samples:
         with np.load(path) as f:

@@ -117,3 +117,9 @@ def test_eval_reference_cache_is_reused_and_refuses_other_data(tmp_path, capsys)
     capsys.readouterr()
     assert main([*common, "data.n=200"]) == 2
     assert "ref.npz" in capsys.readouterr().err
+    # the statistics file alone is a reference (no dataset read: data.name names a missing folder here)
+    alone = ["eval", "--samples", str(images), "--ref", str(cache), "--out", str(tmp_path / "r.json")]
+    assert main([*alone, "data.name=image_folder", f"data.root={tmp_path / 'absent'}"]) == 0
+    assert json.loads((tmp_path / "r.json").read_text())["results"][0]["fd_pixel"] == first
+    assert main([*alone, "eval.features=proxy"]) == 2
+    assert "ref.npz" in capsys.readouterr().err

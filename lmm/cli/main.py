@@ -100,7 +100,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if not args.samples and args.model is None:
         raise ValueError("lmm eval needs --samples FILE.npz and/or --model PATH")
     nfes = [int(k) for k in args.nfe.split(",")]
-    metrics = evaluate_inputs(_config(args), samples=args.samples, model=args.model, nfes=nfes, cache=args.ref_cache)
+    metrics = evaluate_inputs(_config(args), samples=args.samples, model=args.model, nfes=nfes, cache=args.ref_cache,
+                              ref_file=args.ref)
     if dist.is_main():
         from lmm.io import atomic_write_text
         from lmm.report import nfe_plot
@@ -108,9 +109,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
         save_json(args.out, metrics)
         key = metrics["distance_key"]
         for row in metrics["results"]:
-            extra = f"  straightness {row['straightness']:.4f}" if "straightness" in row else ""
-            print(f"{row['label']}: {key} {row[key]:.4f}  precision {row['precision']:.3f}  "
-                  f"recall {row['recall']:.3f}{extra}")
+            print(f"{row['label']}: " + "  ".join(f"{k} {row[k]:.4f}" for k in (key, "precision", "recall",
+                                                                               "straightness") if row.get(k) is not None))
         print(args.out)
         plot = nfe_plot(metrics["results"], key)
         if plot:
@@ -197,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=Path, nargs="*", default=[], help=".npz files from lmm sample (key 'images')")
     p.add_argument("--model", type=Path, default=None, help="teacher or student model file or run folder")
     p.add_argument("--nfe", default="1,2", help="comma-separated NFE list for --model (default 1,2)")
+    p.add_argument("--ref", type=Path, default=None,
+                   help="score against this reference statistics file alone (from --ref-cache or a run's "
+                        "reference-*.npz), without reading the dataset; refused if made by another network")
     p.add_argument("--ref-cache", type=Path, default=None,
                    help="reference statistics .npz: reused if made by the same network and data, else refused; "
                         "written if absent")
