@@ -354,3 +354,13 @@ def test_reference_cache_roundtrip_and_refusals(tmp_path):
     ex2.file_hash = "0" * 64
     with pytest.raises(ValueError, match="'network_hash'"):
         load_stats(path, ex2)
+
+
+@needs_fid
+def test_truncated_onnx_file_is_refused_naming_it(tmp_path):
+    pytest.importorskip("onnxruntime")
+    file_hash = InceptionFeatures(progress=False, impl="torchscript").file_hash
+    path = tmp_path / f"inception-fid-{file_hash[:16]}.onnx"
+    path.write_bytes(b"\x08\x07truncated")
+    with pytest.raises(ValueError, match=r"inception-fid-.*\.onnx: ONNX Runtime cannot load it"):
+        InceptionFeatures(progress=False, impl="onnx", cache_dir=tmp_path)

@@ -14,8 +14,9 @@ import io
 import os
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -308,7 +309,7 @@ def _onnx_usable(onnx_file: Path) -> bool:
     return find("onnxruntime") is not None and (onnx_file.is_file() or find("onnxscript") is not None)
 
 
-def _onnx_session(net: nn.Module, onnx_file: Path, preprocess, rtol: float):
+def _onnx_session(net: nn.Module, onnx_file: Path, preprocess: Callable[[Tensor], Tensor], rtol: float) -> Any:
     """ONNX Runtime session of ``net`` (input "x": (B, 3, 299, 299) float32), exported to ``onnx_file`` unless
     cached there; checked against ``net`` on a probe batch (max |difference| <= rtol * max |feature|)."""
     import onnxruntime as ort
@@ -324,7 +325,10 @@ def _onnx_session(net: nn.Module, onnx_file: Path, preprocess, rtol: float):
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = torch.get_num_threads()
     opts.log_severity_level = 3
-    session = ort.InferenceSession(str(onnx_file), opts, providers=["CPUExecutionProvider"])
+    try:
+        session = ort.InferenceSession(str(onnx_file), opts, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own exception types for unreadable or invalid files
+        raise ValueError(f"{onnx_file}: ONNX Runtime cannot load it ({e}); delete the file to re-export") from e
     gen = torch.Generator().manual_seed(0)
     x = preprocess(torch.randint(0, 256, (2, 37, 29, 3), dtype=torch.uint8, generator=gen))
     with torch.inference_mode():
