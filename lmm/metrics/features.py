@@ -11,6 +11,7 @@ import contextlib
 import importlib.machinery
 import importlib.util
 import io
+import logging
 import os
 import warnings
 from abc import ABC, abstractmethod
@@ -317,11 +318,17 @@ def _onnx_session(net: nn.Module, onnx_file: Path, preprocess: Callable[[Tensor]
     if not onnx_file.is_file():
         onnx_file.parent.mkdir(parents=True, exist_ok=True)
         probe = torch.zeros(4, 3, 299, 299)
-        with atomic_path(onnx_file) as tmp, warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            batch = torch.export.Dim("batch", min=1, max=65536)
-            torch.onnx.export(net, (probe,), str(tmp), input_names=["x"], output_names=["features"],
-                              dynamic_shapes={"x": {0: batch}}, dynamo=True, external_data=False)
+        log = logging.getLogger("torch.onnx")
+        level = log.level
+        log.setLevel(logging.ERROR)
+        try:
+            with atomic_path(onnx_file) as tmp, warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+                warnings.simplefilter("ignore")
+                batch = torch.export.Dim("batch", min=1, max=65536)
+                torch.onnx.export(net, (probe,), str(tmp), input_names=["x"], output_names=["features"],
+                                  dynamic_shapes={"x": {0: batch}}, dynamo=True, external_data=False)
+        finally:
+            log.setLevel(level)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = torch.get_num_threads()
     opts.log_severity_level = 3
