@@ -88,6 +88,12 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     return out / dist.get_world_size()
 
 
+def shard(n: int) -> range:
+    """This rank's contiguous share of range(n), in rank order (all of it without torchrun)."""
+    r, w = rank(), world_size()
+    return range(n * r // w, n * (r + 1) // w)
+
+
 def _comm_device(t: torch.Tensor) -> torch.device:
     """Where a collective on t runs: the current CUDA device under NCCL (which cannot send CPU tensors)."""
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else t.device

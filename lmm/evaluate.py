@@ -45,6 +45,10 @@ def _stats(extractor: Any, samples: np.ndarray) -> FeatureStats:
     return compute_stats(extractor, samples, keep_features=True)
 
 
+def _eval_split(cfg: dict) -> str:
+    return cfg["eval"]["split"] or cfg["data"]["split"]
+
+
 @dataclass
 class Reference:
     """What samples are scored against: the dataset's features (kept, for precision/recall), the extractor
@@ -61,7 +65,7 @@ def reference(cfg: dict, device: torch.device, cache: Path | None = None) -> Ref
     """Reference of the dataset named by cfg["data"], split eval.split (data.split when empty), on eval.features.
     Image statistics are read from `cache` when it holds them for the same extractor, network file and data
     (else refused), else computed (shared across torchrun ranks) and cached."""
-    split = cfg["eval"]["split"] or cfg["data"]["split"]
+    split = _eval_split(cfg)
     data = load_data({**cfg, "data": {**cfg["data"], "split": split}})
     name = data.name
     if data.x.dim() == 2:
@@ -92,11 +96,11 @@ def score(ref: Reference, samples: np.ndarray) -> dict[str, float | None]:
     """Frechet distance (under ref.key) and precision/recall (k = 3; None when the reference kept no
     features) of samples against the reference."""
     fake = _stats(ref.extractor, samples)
-    if ref.stats.features is None:
-        return {ref.key: frechet_distance_stats(ref.stats, fake), "precision": None, "recall": None}
-    if ref.radii is None:
-        ref.radii = knn_radii(ref.stats.features, 3)
-    pr = precision_recall(ref.stats.features, fake.features, k=3, real_radii=ref.radii)
+    pr: dict[str, float | None] = {"precision": None, "recall": None}
+    if ref.stats.features is not None:
+        if ref.radii is None:
+            ref.radii = knn_radii(ref.stats.features, 3)
+        pr = precision_recall(ref.stats.features, fake.features, k=3, real_radii=ref.radii)
     return {ref.key: frechet_distance_stats(ref.stats, fake), "precision": pr["precision"], "recall": pr["recall"]}
 
 
@@ -157,8 +161,7 @@ def evaluate_run(cfg: dict, teacher_path: str | Path | None = None, student_path
     device = dist.init_distributed(cfg["run"]["device"]).device
     teacher_path = Path(teacher_path or run / "teacher" / "model.safetensors")
     student_path = Path(student_path or run / "student" / "model.safetensors")
-    split = e["split"] or cfg["data"]["split"]
-    ref = reference(cfg, device, run / f"reference-{e['features']}-{split}.npz")
+    ref = reference(cfg, device, run / f"reference-{e['features']}-{_eval_split(cfg)}.npz")
 
     teacher, tmeta = load_model(teacher_path, device)
     student, _ = load_model(student_path, device)

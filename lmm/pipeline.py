@@ -177,8 +177,7 @@ def sample(model: torch.nn.Module | Teacher, n: int, *, seed: int, batch_size: i
     shape, ncls = tuple(inner.data_shape), inner.num_classes
     if not is_teacher:
         grid = list(grid if grid is not None else default_grid(nfe or 1))
-    n_batches, rank, world = -(-n // batch_size), dist.rank(), dist.world_size()
-    mine = range(n_batches * rank // world, n_batches * (rank + 1) // world)
+    mine, world = dist.shard(-(-n // batch_size)), dist.world_size()
     images, labels, used = [torch.empty(0, *shape)], [torch.empty(0, dtype=torch.long)], 0
     bar = tqdm(total=n, desc="sample", unit="img", disable=not progress, leave=False)
     for i, (z, y) in enumerate(noise_batches(n, batch_size, shape, ncls, seed)):

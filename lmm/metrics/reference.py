@@ -7,9 +7,9 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch.distributed as dist
 from torch import Tensor
 
+from lmm.dist import shard
 from lmm.io import atomic_path
 from lmm.metrics.features import FeatureExtractor
 from lmm.metrics.frechet import FeatureStats
@@ -34,10 +34,9 @@ def compute_stats(extractor: FeatureExtractor, images: Tensor | np.ndarray, *,
     Under torchrun every rank must call it with the same images: each extracts a contiguous share and
     all receive the statistics (and kept features, in image order) of the whole set.
     """
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    n = images.shape[0]
+    mine = shard(images.shape[0])
     stats = FeatureStats(dim=None, keep_features=keep_features)
-    for feats in extractor.iter_features(images[n * rank // world: n * (rank + 1) // world]):
+    for feats in extractor.iter_features(images[mine.start:mine.stop]):
         stats.add(feats)
     return stats.all_gather()
 
