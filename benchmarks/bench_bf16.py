@@ -1,9 +1,14 @@
 """bf16 autocast against fp32, side by side in one run: training speed, sampling speed and sample quality.
 
-Training: steps/s of lmm.train.train on the digits student network, fp32 vs bf16 autocast.
+Training: samples/s of lmm.train.train on the config's student network (freshly initialised), fp32 vs bf16 autocast.
 Sampling and quality: a trained run's teacher (its own solver) and student (NFE 1), each sampled in fp32
 and bf16 from the same noise; Frechet distance (eval.features) against the dataset.
-Usage, after `lmm demo` made runs/demo:  python benchmarks/bench_bf16.py --run runs/demo
+Usage, after `lmm demo` made runs/demo:
+
+    python benchmarks/bench_bf16.py --run runs/demo [-c CONFIG] [KEY=VALUE ...] [--steps 40] [-n N]
+
+CONFIG and the KEY=VALUE overrides should be those the run was made with (the dataset, eval settings and
+the student network timed in training come from them).
 """
 from __future__ import annotations
 
@@ -25,10 +30,12 @@ from lmm.train import train
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=Path, required=True, help="run folder with teacher/ and student/")
+    parser.add_argument("-c", "--config", type=Path, default=None, help="preset the run used (default: embedded)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides (as given to the run)")
     parser.add_argument("--steps", type=int, default=40, help="training steps timed per precision (default 40)")
     parser.add_argument("-n", type=int, default=None, help="samples per quality measurement (default eval.n)")
-    args = parser.parse_args()
-    cfg = load_config(None, [f"run.dir={args.run}"])
+    args = parser.parse_intermixed_args()
+    cfg = load_config(args.config, [*args.overrides, f"run.dir={args.run}", "run.progress=false"])
     s, e = cfg["student"], cfg["eval"]
     n = args.n or e["n"]
     data = load_data(cfg)
@@ -41,7 +48,7 @@ def main() -> None:
     rates = {}
     for bf16 in (False, True):
         torch.manual_seed(0)
-        objective = student_objective(s)
+        objective = student_objective(s, cfg["teacher"])
         model = build_model(objective, s["net"], shape, 0)
         with tempfile.TemporaryDirectory() as tmp:
             kw = dict(batch_size=bs, lr=1e-3, ema_halflife=1e4, warmup_steps=0, grad_clip=1.0, bf16=bf16, seed=0,
@@ -55,8 +62,9 @@ def main() -> None:
     ref = reference(cfg, torch.device("cpu"))
     teacher, tmeta = load_model(args.run / "teacher")
     student, _ = load_model(args.run / "student")
-    for name, model, how in (("teacher " + tmeta["teacher"]["solver"], teacher,
-                              {"solver": tmeta["teacher"]["solver"], "steps": tmeta["teacher"]["steps"]}),
+    tm = tmeta["teacher"]  # the sampler the run's teacher was trained with (model files before "schedule": edm)
+    for name, model, how in (("teacher " + tm["solver"], teacher,
+                              {"solver": tm["solver"], "steps": tm["steps"], "schedule": tm.get("schedule", "edm")}),
                              ("student NFE 1", student, {"grid": [0.0]})):
         out = {}
         for bf16 in (False, True):

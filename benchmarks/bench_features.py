@@ -12,12 +12,18 @@
 Reports best and median images/s over rounds, e2e/bare ratio, and how far the features are from the bare
 network's (max abs difference and that divided by max |feature|).
 
-    python benchmarks/bench_features.py --batch 16 --rounds 5 --size 32 [--threads 2] [--proxy]
+    python benchmarks/bench_features.py --batch 16 --rounds 5 --size 32 [--threads 2] [--device cpu] [--proxy]
+
+The last line printed is the whole result as one JSON object. ONNX rows need onnxruntime (and the ONNX
+file cached under $LMM_CACHE_DIR or ~/.cache/lmm, or onnxscript to export it) and a CPU device; without
+onnxruntime they are left out. A smoke run: --batch 2 --rounds 1 --size 8 (most of its time is spent
+loading and checking the networks).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import statistics
@@ -30,14 +36,16 @@ from lmm.metrics.features import InceptionFeatures, ProxyFeatures
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--batch", type=int, default=16, help="images per timed call")
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--size", type=int, default=32, help="input images are size x size x 3 uint8")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, default=16, help="images per timed call (default 16)")
+    p.add_argument("--rounds", type=int, default=5, help="timed rounds, every path once per round (default 5)")
+    p.add_argument("--size", type=int, default=32, help="input images are size x size x 3 uint8 (default 32)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu; the ONNX rows need the CPU)")
     p.add_argument("--proxy", action="store_true", help="also time ProxyFeatures")
     a = p.parse_args()
+    if a.batch < 1 or a.rounds < 1 or a.size < 1:
+        p.error("--batch, --rounds and --size must be >= 1")
     if a.threads:
         torch.set_num_threads(a.threads)
 
@@ -51,7 +59,7 @@ def main() -> None:
     with torch.inference_mode():
         x299 = ext_ts.preprocess(u8.to(a.device)).contiguous()
     runs = {"bare": lambda: bare(x299), "e2e": lambda: ext(u8), "e2e_ts": lambda: ext_ts(u8)}
-    if torch.device(a.device).type == "cpu":
+    if torch.device(a.device).type == "cpu" and importlib.util.find_spec("onnxruntime") is not None:
         ext_onnx = InceptionFeatures(batch_size=a.batch, progress=False, impl="onnx")
         x299_np = x299.cpu().numpy()
         runs["bare_onnx"] = lambda: torch.from_numpy(ext_onnx._session.run(None, {"x": x299_np})[0])

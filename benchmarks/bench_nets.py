@@ -1,7 +1,11 @@
 """Throughput of the raw networks: forward+backward (training step without optimizer) and no-grad forward.
 
-Usage: python benchmarks/bench_nets.py [--threads 2] [--batch 256] [--reps 5] [--device cpu]
+Usage:
+
+    python benchmarks/bench_nets.py [--threads 2] [--batch 256] [--reps 5] [--device cpu] [--only NAME,...]
+
 Prints one line per preset: parameters, GFLOP per fwd+bwd, milliseconds, achieved GFLOP/s.
+Presets: digits-c16-b1, digits-c32-b1, digits-c32-b2, digits-c64-b2, fmnist-c32-b2, toy-mlp-256x4.
 """
 
 from __future__ import annotations
@@ -36,17 +40,24 @@ def _time(fn, reps: int, sync) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--only", default="", help="comma-separated preset names")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                        help="torch.set_num_threads (default: torch's, %(default)s here)")
+    parser.add_argument("--batch", type=int, default=256, help="batch size of every timed call (default 256)")
+    parser.add_argument("--reps", type=int, default=5, help="timed repetitions after two warm-up calls (default 5)")
+    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument("--only", default="", help="comma-separated preset names (default: all); known: "
+                        + ", ".join(name for name, _, _ in PRESETS))
     args = parser.parse_args()
+    only = set(filter(None, args.only.split(",")))
+    unknown = only - {name for name, _, _ in PRESETS}
+    if unknown:
+        parser.error(f"--only: unknown preset(s) {', '.join(sorted(unknown))}")
+    if args.batch < 1 or args.reps < 1:
+        parser.error("--batch and --reps must be >= 1")
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    only = set(filter(None, args.only.split(",")))
     print(f"device={device} threads={args.threads} batch={args.batch}")
     for name, cfg, shape in PRESETS:
         if only and name not in only:

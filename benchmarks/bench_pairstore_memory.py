@@ -3,7 +3,10 @@
 Builds both stores in a temporary directory, then iterates each in a fresh subprocess and reads its peak
 RSS (VmHWM). With windowed streaming the peak should stay flat as the store grows.
 
-    python benchmarks/bench_pairstore_memory.py --n 20000 --shape 3,32,32
+    python benchmarks/bench_pairstore_memory.py --n 20000 --shape 3,32,32 [--shard-size 1000] [--window 4]
+        [--batch 256] [--dir DIR]
+
+(a quick smoke run: --n 200 --shape 1,8,8 --shard-size 100)
 """
 from __future__ import annotations
 
@@ -60,10 +63,10 @@ def build(store: Path, n: int, shape: tuple[int, ...], shard_size: int) -> float
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=20000, help="pairs in the small store; the large one has 10x")
-    p.add_argument("--shape", default="3,32,32", help="data shape, comma separated")
-    p.add_argument("--shard-size", type=int, default=1000)
-    p.add_argument("--window", type=int, default=4)
-    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--shape", default="3,32,32", help="data shape, comma separated (default 3,32,32)")
+    p.add_argument("--shard-size", type=int, default=1000, help="pairs per shard (default 1000)")
+    p.add_argument("--window", type=int, default=4, help="PairSource window: shards held at once (default 4)")
+    p.add_argument("--batch", type=int, default=256, help="pairs per batch drawn while iterating (default 256)")
     p.add_argument("--dir", default=None, help="work directory (default: a temporary one, removed after)")
     p.add_argument("--iterate", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()

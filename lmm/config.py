@@ -18,6 +18,7 @@ _TRAIN = {
     "batch_size": 128,
     "lr": 2e-3,
     "ema_halflife": 20_000.0,
+    "ema_rampup": 0.05,
     "warmup_steps": 200,
     "grad_clip": 1.0,
     "ckpt_every": 300,
@@ -38,7 +39,7 @@ DEFAULTS: dict[str, Any] = {
         "dir": "runs/demo",
         "seed": 0,
         "device": "auto",
-        "bf16": False,
+        "bf16": "auto",
         "progress": True,
     },
     "data": {
@@ -55,6 +56,7 @@ DEFAULTS: dict[str, Any] = {
         "kind": "edm",
         "solver": "heun",
         "steps": 12,
+        "schedule": "edm",
         "sigma_min": 0.002,
         "sigma_max": 80.0,
         "rho": 7.0,
@@ -80,7 +82,7 @@ DEFAULTS: dict[str, Any] = {
         "weighting": "none",
         "logit_mean": 0.0,
         "logit_std": 1.0,
-        "precond": True,
+        "precond": "teacher",
         "sigma_data": 0.5,
         "window": 4,
         "net": dict(_UNET),
@@ -93,11 +95,13 @@ DEFAULTS: dict[str, Any] = {
         "batch_size": 600,
         "seed": 12345,
         "teacher_nfe": [1, 2, 4],
+        "teacher_solvers": ["euler", "heun", "dpm++2m"],
         "student_nfe": [1, 2],
     },
 }
 
 REPLACED_WHOLE = {"net"}
+BOOL_OR_AUTO = {"run.bf16"}
 
 
 class ConfigError(ValueError):
@@ -126,6 +130,10 @@ def _merge(base: dict, update: dict, where: str, source: str, preset: bool, free
 
 
 def _coerce(default: Any, value: Any, path: str, source: str) -> Any:
+    if path in BOOL_OR_AUTO:
+        if not (isinstance(value, bool) or value == "auto"):
+            raise ConfigError(f"{source}: '{path}' expects true, false or \"auto\", got {value!r}")
+        return value
     if isinstance(default, bool) or default is None:
         ok = isinstance(value, bool) or default is None
     elif isinstance(default, float):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 from datetime import timedelta
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -60,6 +61,33 @@ def init_distributed(device: str | torch.device = "auto", timeout_s: float = 180
     backend = "nccl" if dev.type == "cuda" else "gloo"
     dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
     return DistInfo(rank, world, local_rank, dev)
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes in bf16 natively: a CUDA GPU that supports it, or a CPU with AVX-512 BF16 or
+    AMX (read from /proc/cpuinfo's flags where it exists, else torch's oneDNN check). On CPUs with only AVX2,
+    bf16 autocast is emulated and much slower than fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        flags = set()
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("flags"):
+                flags.update(line.split(":", 1)[1].split())
+        return bool(flags & {"avx512_bf16", "amx_bf16"})
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def resolve_bf16(setting: bool | str, device: torch.device) -> bool:
+    """run.bf16: true, false, or "auto" (= native_bf16(device))."""
+    if setting == "auto":
+        return native_bf16(device)
+    if not isinstance(setting, bool):
+        raise ValueError(f"run.bf16 must be true, false or \"auto\", got {setting!r}")
+    return setting
 
 
 def rank() -> int:

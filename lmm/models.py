@@ -14,7 +14,7 @@ from torch import nn
 from lmm.checkpoint import load_model_file
 from lmm.nets import build_net
 from lmm.objectives import Objective, get_objective
-from lmm.teachers import TEACHER_OBJECTIVES, Teacher, build_teacher
+from lmm.teachers import TEACHER_OBJECTIVES, TEACHERS, Teacher, build_teacher
 from lmm.train import RESUME_IGNORE_KEY
 
 EDM_KEYS = ("sigma_min", "sigma_max", "rho")
@@ -22,7 +22,9 @@ EDM_KEYS = ("sigma_min", "sigma_max", "rho")
 # where things are, and the settings of the other stages.
 _RESUME_FREE = ["config.run.dir", "config.run.device", "config.run.progress", "config.eval", "config.data.root"]
 _RESUME_FREE_TRAIN = ["steps", "ckpt_every", "log_every"]
-_OTHER_STAGES = {"teacher": ["config.pairs", "config.student"], "student": ["config.teacher", "config.pairs"]}
+_OTHER_STAGES = {"teacher": ["config.pairs", "config.student", "config.teacher.solver", "config.teacher.steps",
+                             "config.teacher.schedule", "teacher.solver", "teacher.steps", "teacher.schedule"],
+                 "student": ["config.teacher", "config.pairs"]}
 
 
 def teacher_objective(tcfg: dict) -> Objective:
@@ -34,7 +36,20 @@ def teacher_objective(tcfg: dict) -> Objective:
     return get_objective("flow_matching")
 
 
-def student_objective(scfg: dict) -> Objective:
+STUDENT_PRECONDS = ("teacher", "lines", "none")
+
+
+def student_objective(scfg: dict, tcfg: dict) -> Objective:
+    """The lines objective of config section `student`; student.precond = "teacher" takes the parameterisation
+    of the teacher described by `tcfg` (its `teacher` config section: kind, sigma_max, sigma_data)."""
+    precond, sigma_data, sigma_max = scfg["precond"], scfg["sigma_data"], tcfg["sigma_max"]
+    if precond not in STUDENT_PRECONDS:
+        raise ValueError(f"student.precond: unknown {precond!r}; valid: {', '.join(STUDENT_PRECONDS)}")
+    if precond == "teacher":
+        if tcfg["kind"] not in TEACHERS:
+            raise ValueError(f"teacher.kind: unknown '{tcfg['kind']}'; valid: {', '.join(TEACHERS)}")
+        precond = TEACHERS[tcfg["kind"]].line_precond
+        sigma_data = tcfg["sigma_data"] if precond == "edm" else sigma_data
     return get_objective(
         "lines",
         distance=scfg["distance"],
@@ -43,8 +58,9 @@ def student_objective(scfg: dict) -> Objective:
         weighting=scfg["weighting"],
         logit_mean=scfg["logit_mean"],
         logit_std=scfg["logit_std"],
-        sigma_data=scfg["sigma_data"],
-        precond=scfg["precond"],
+        sigma_data=sigma_data,
+        precond=precond,
+        sigma_max=sigma_max,
     )
 
 
@@ -53,11 +69,13 @@ def teacher_ode_kwargs(tcfg: dict) -> dict[str, Any]:
 
 
 def model_meta(role: str, objective: Objective, net_cfg: dict, data_shape: tuple[int, ...],
-               num_classes: int, cfg: dict) -> dict[str, Any]:
-    """The JSON that travels with a model file (see module docstring)."""
+               num_classes: int, cfg: dict, bf16: bool) -> dict[str, Any]:
+    """The JSON that travels with a model file (see module docstring); `bf16`: whether it trained under bf16
+    autocast (run.bf16 resolved on this machine)."""
     meta: dict[str, Any] = {
         "format": "lmm-model/1",
         "role": role,
+        "bf16": bf16,
         "objective": objective.name,
         "objective_kwargs": objective.config(),
         "net": net_cfg,
@@ -69,7 +87,8 @@ def model_meta(role: str, objective: Objective, net_cfg: dict, data_shape: tuple
     }
     if role == "teacher":
         t = cfg["teacher"]
-        meta["teacher"] = {"kind": t["kind"], "solver": t["solver"], "steps": t["steps"], **teacher_ode_kwargs(t)}
+        meta["teacher"] = {"kind": t["kind"], "solver": t["solver"], "steps": t["steps"], "schedule": t["schedule"],
+                           **teacher_ode_kwargs(t)}
     return meta
 
 

@@ -61,12 +61,17 @@ def _autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContext
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
+def use_bf16(cfg: dict, device: torch.device) -> bool:
+    """run.bf16 resolved for `device` ("auto": on where the device computes bf16 natively)."""
+    return dist.resolve_bf16(cfg["run"]["bf16"], device)
+
+
 def _train_kwargs(cfg: dict, section: dict, device: torch.device) -> dict[str, Any]:
     t = section["train"]
     return dict(steps=t["steps"], batch_size=t["batch_size"], lr=t["lr"], ema_halflife=t["ema_halflife"],
-                warmup_steps=t["warmup_steps"], grad_clip=t["grad_clip"], ckpt_every=t["ckpt_every"],
-                log_every=t["log_every"], bf16=cfg["run"]["bf16"], seed=cfg["run"]["seed"], device=device,
-                progress=cfg["run"]["progress"])
+                ema_rampup=t["ema_rampup"], warmup_steps=t["warmup_steps"], grad_clip=t["grad_clip"],
+                ckpt_every=t["ckpt_every"], log_every=t["log_every"], bf16=use_bf16(cfg, device),
+                seed=cfg["run"]["seed"], device=device, progress=cfg["run"]["progress"])
 
 
 def train_teacher(cfg: dict) -> Path:
@@ -78,20 +83,22 @@ def train_teacher(cfg: dict) -> Path:
     model = build_model(objective, cfg["teacher"]["net"], tuple(data.x.shape[1:]), ncls)
     tensors = {"x": data.x} if ncls == 0 else {"x": data.x, "y": data.y}
     out = run_dir(cfg) / "teacher"
-    meta = model_meta("teacher", objective, cfg["teacher"]["net"], tuple(data.x.shape[1:]), ncls, cfg)
+    meta = model_meta("teacher", objective, cfg["teacher"]["net"], tuple(data.x.shape[1:]), ncls, cfg,
+                      use_bf16(cfg, device))
     train(model, objective, TensorSource(tensors, seed=cfg["run"]["seed"]), run_dir=out, meta=meta,
           **_train_kwargs(cfg, cfg["teacher"], device))
     dist.barrier()
     return out / "model.safetensors"
 
 
-def teacher_sampler(teacher: Teacher, solver: str, steps: int, bf16: bool):
+def teacher_sampler(teacher: Teacher, solver: str, steps: int, bf16: bool, schedule: str = "edm"):
     """generate(z, y) -> x1 with the teacher's deterministic ODE solver."""
     device = next(teacher.parameters()).device
 
     def generate(z: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         with torch.no_grad(), _autocast(device, bf16):
-            return sample_teacher(teacher, z.to(device), steps, solver, None if y is None else y.to(device)).x.float()
+            return sample_teacher(teacher, z.to(device), steps, solver, None if y is None else y.to(device),
+                                  schedule=schedule).x.float()
 
     return generate
 
@@ -104,16 +111,17 @@ def generate_pairs(cfg: dict, teacher_path: str | Path | None = None, store: str
     if not isinstance(teacher, Teacher):
         raise ValueError(f"{teacher_path}: is a student model, not a teacher")
     t = cfg["teacher"]
-    grid = teacher.grid(t["steps"])
+    grid = teacher.grid(t["steps"], t["schedule"])
+    bf16 = use_bf16(cfg, device)
     meta = {
         "teacher": {"sha256": file_sha256(teacher_path), "path": str(teacher_path), "kind": tmeta["teacher"]["kind"],
                     "config": tmeta["config"]["teacher"]},
-        "solver": t["solver"], "steps": t["steps"], "grid": [float(g) for g in grid], "bf16": cfg["run"]["bf16"],
-        "nfe": expected_nfe(t["solver"], t["steps"], teacher.singular_end),
+        "solver": t["solver"], "steps": t["steps"], "schedule": t["schedule"], "grid": [float(g) for g in grid],
+        "bf16": bf16, "nfe": expected_nfe(t["solver"], t["steps"], teacher.singular_end),
     }
     p = cfg["pairs"]
     out = Path(store or run_dir(cfg) / "pairs")
-    make_pairs(out, teacher_sampler(teacher, t["solver"], t["steps"], cfg["run"]["bf16"]), n_pairs=p["n"],
+    make_pairs(out, teacher_sampler(teacher, t["solver"], t["steps"], bf16, t["schedule"]), n_pairs=p["n"],
                shard_size=p["shard_size"], data_shape=tuple(tmeta["data_shape"]), num_classes=tmeta["num_classes"],
                seed=p["seed"], meta=meta, batch_size=p["batch_size"], rank=rank, world=world, dtype=p["dtype"],
                progress=cfg["run"]["progress"], device=device, repair=p["repair"])
@@ -127,14 +135,14 @@ def train_student(cfg: dict, store: str | Path | None = None, teacher_path: str 
     store = Path(store or run_dir(cfg) / "pairs")
     manifest = open_pairs(store).manifest
     s = cfg["student"]
-    objective = student_objective(s)
+    objective = student_objective(s, manifest["teacher"]["config"])
     shape, ncls = tuple(manifest["data_shape"]), manifest["num_classes"]
     model = build_model(objective, s["net"], shape, ncls)
     if s["init"] == "teacher":
         _init_from_teacher(model, Path(teacher_path or manifest["teacher"]["path"]), s["net"])
     elif s["init"] != "scratch":
         raise ValueError(f"student.init: unknown '{s['init']}'; valid: teacher, scratch")
-    meta = model_meta("student", objective, s["net"], shape, ncls, cfg)
+    meta = model_meta("student", objective, s["net"], shape, ncls, cfg, use_bf16(cfg, device))
     meta["pairs"] = {"path": str(store), "teacher_sha256": manifest["teacher"]["sha256"], "n": manifest["n_pairs"]}
     out = run_dir(cfg) / "student"
     train(model, objective, PairSource(store, seed=cfg["run"]["seed"], window=s["window"]), run_dir=out, meta=meta,
@@ -166,8 +174,9 @@ def noise_batches(n: int, batch_size: int, shape: tuple[int, ...], ncls: int, se
 @torch.no_grad()
 def sample(model: torch.nn.Module | Teacher, n: int, *, seed: int, batch_size: int = 500, nfe: int | None = None,
            grid: list[float] | None = None, mode: str = "line", solver: str = "euler", steps: int | None = None,
-           bf16: bool = False, device: str | torch.device = "cpu", progress: bool = False) -> dict[str, Any]:
-    """Draw n samples. Teachers: `solver` with `steps` intervals; students: the line sampler on `grid`
+           schedule: str = "edm", bf16: bool = False, device: str | torch.device = "cpu",
+           progress: bool = False) -> dict[str, Any]:
+    """Draw n samples. Teachers: `solver` with `steps` intervals on its `schedule`; students: the line sampler on `grid`
     (default grid for `nfe`). Returns {"images": uint8 (N,H,W,C) (float (N, D) for vector data),
     "labels": (N,) or None, "nfe": int}. Under torchrun each rank samples a contiguous share of the seeded
     noise batches and every rank returns all n samples, identical to a single process's."""
@@ -186,7 +195,7 @@ def sample(model: torch.nn.Module | Teacher, n: int, *, seed: int, batch_size: i
         z, y = z.to(device), None if y is None else y.to(device)
         with _autocast(device, bf16):
             if is_teacher:
-                sol = sample_teacher(model, z, steps or nfe, solver, y)
+                sol = sample_teacher(model, z, steps or nfe, solver, y, schedule=schedule)
             else:
                 sol = sample_lines(model, z, grid, y, mode=mode)
         used = sol.nfe

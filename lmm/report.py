@@ -95,10 +95,16 @@ def build_report(run: str | Path, title: str | None = None) -> Path:
                              f"</figcaption></figure>")
         parts.append("</div>")
         key = metrics.get("distance_key", "fd")
-        cols = ["label", "model", "solver", "nfe", key] + [c for c in ("precision", "recall", "straightness", "seconds")
-                                                           if any(c in r for r in rows)]
+        optional = ("precision", "recall", "straightness", "endpoint_drift", "endpoint_to_final", "seconds")
+        cols = ["label", "model", "solver", "nfe", key] + [c for c in optional if any(c in r for r in rows)]
         parts.append(f"<h2>Metrics</h2><p>{html.escape(metrics.get('description', ''))}</p>" + _table(rows, cols))
+        if metrics.get("teacher_best"):
+            parts.append("<h3>The teacher's best at each NFE budget</h3>"
+                         + _table(metrics["teacher_best"], ["budget", "label", "nfe", key]))
         parts.append(nfe_plot(rows, key))
+        if metrics.get("settings"):
+            parts.append("<h3>Evaluation settings</h3>" + _table(
+                [{"setting": k, "value": json.dumps(v)} for k, v in metrics["settings"].items()], ["setting", "value"]))
     losses = {}
     for stage in ("teacher", "student"):
         log = _read_log(run / stage / "log.jsonl")

@@ -8,7 +8,6 @@ Only rank 0 writes files; the loop does not tear down the process group (see `lm
 from __future__ import annotations
 
 import contextlib
-import copy
 import hashlib
 import json
 import time
@@ -18,6 +17,7 @@ from typing import Any, Callable, Protocol
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from lmm.checkpoint import (
@@ -53,10 +53,16 @@ def _global_generators(device: torch.device) -> list[torch.Generator]:
     return gens
 
 
-def ema_beta(samples_per_step: int, halflife: float) -> float:
-    """Per-step EMA decay so that a sample's weight halves every `halflife` samples (0 -> no averaging)."""
-    if halflife < 0:
-        raise ValueError(f"ema_halflife must be >= 0 samples, got {halflife}")
+def ema_beta(samples_per_step: int, halflife: float, rampup: float = 0.0, samples_seen: int | None = None) -> float:
+    """Per-step EMA decay so that a sample's weight halves every `halflife` samples (0 -> no averaging).
+
+    With rampup > 0 (EDM's ema_rampup_ratio) the halflife is min(halflife, rampup * samples_seen), the
+    samples trained on before this step, so the average forgets the initial weights early in training.
+    """
+    if halflife < 0 or rampup < 0:
+        raise ValueError(f"ema_halflife and ema_rampup must be >= 0, got {halflife}, {rampup}")
+    if rampup > 0 and samples_seen is not None:
+        halflife = min(halflife, rampup * samples_seen)
     return 0.0 if halflife == 0 else 0.5 ** (samples_per_step / halflife)
 
 
@@ -65,19 +71,14 @@ def warmup_lr(lr: float, step: int, warmup_steps: int) -> float:
     return lr * min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else lr
 
 
-@torch.no_grad()
-def update_ema(ema_params: list[torch.Tensor], params: list[torch.Tensor], beta: float) -> None:
-    """ema <- beta * ema + (1 - beta) * param, in place, for lists of equal-shape tensors."""
-    torch._foreach_lerp_(ema_params, params, 1.0 - beta)
+class _EMADecay:
+    """multi_avg_fn for torch.optim.swa_utils.AveragedModel whose decay the loop sets before each update."""
 
+    def __init__(self) -> None:
+        self.beta = 0.0
 
-def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
-    """Scale the gradients in place so their global L2 norm is at most max_norm; returns the norm before
-    clipping (0-dim fp32). Same math as torch.nn.utils.clip_grad_norm_ without its per-call grouping cost."""
-    grads = [p.grad for p in params if p.grad is not None]
-    total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float())
-    torch._foreach_mul_(grads, (max_norm / (total + 1e-6)).clamp_(max=1.0))
-    return total
+    def __call__(self, ema_params: list[torch.Tensor], params: list[torch.Tensor], n_averaged: Any) -> None:
+        get_ema_multi_avg_fn(self.beta)(ema_params, params, n_averaged)
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -139,11 +140,15 @@ def _append_log(path: Path, record: dict[str, Any]) -> None:
 def train(model: nn.Module, objective: Objective, source: BatchSource, *, run_dir: str | Path, steps: int,
           batch_size: int, lr: float, ema_halflife: float, warmup_steps: int, grad_clip: float, bf16: bool,
           seed: int, ckpt_every: int, log_every: int, meta: dict[str, Any], device: str | torch.device,
-          progress: bool = True, optimizer: str = "adamw", weight_decay: float = 0.0, keep: int = 2) -> nn.Module:
+          progress: bool = True, optimizer: str = "adamw", weight_decay: float = 0.0, keep: int = 2,
+          ema_rampup: float = 0.05) -> nn.Module:
     """Train `model` in place for `steps` optimizer steps in total (resuming from run_dir's latest checkpoint).
 
     objective(model, batch) -> per-sample loss (batch_size,); the step loss is its mean. batch_size is per
-    rank; the EMA halflife is in samples of the global batch. grad_clip 0 disables clipping.
+    rank; the EMA (torch.optim.swa_utils.AveragedModel, first set to the weights after step 1) has a halflife
+    in samples of the global batch, ramped up as min(ema_halflife, ema_rampup * samples seen) (see
+    `ema_beta`). grad_clip 0 disables clipping. A checkpoint resumes only with the world size and per-rank
+    batch it was written with (the data stream, the per-rank randomness and the EMA depend on both).
     Returns the EMA model (fp32, eval mode); rank 0 also writes run_dir/model.safetensors + model.json (left
     as they are when a finished run is called again, so that files made from the model stay valid).
     Raises FloatingPointError on a non-finite loss (no checkpoint is written for or after that step).
@@ -158,7 +163,8 @@ def train(model: nn.Module, objective: Objective, source: BatchSource, *, run_di
     params = [p for p in model.parameters() if p.requires_grad]
     opt_cls = torch.optim.AdamW if optimizer == "adamw" else torch.optim.Adam
     opt = opt_cls(params, lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay)
-    ema = copy.deepcopy(model).float().requires_grad_(False).eval()
+    decay = _EMADecay()
+    ema = AveragedModel(model, multi_avg_fn=decay).requires_grad_(False).eval()
 
     start = 0
     ckpt = latest_checkpoint(run_dir)
@@ -169,6 +175,11 @@ def train(model: nn.Module, objective: Objective, source: BatchSource, *, run_di
             raise ValueError(f"cannot resume from {ckpt}: its meta differs from this run's in {', '.join(differing)} "
                              f"(use another run_dir, or list keys to ignore in meta['{RESUME_IGNORE_KEY}'])")
         start = int(state["step"])
+        if (state.get("world"), state.get("batch_size")) != (world, batch_size):
+            raise ValueError(f"cannot resume from {ckpt}: it was trained by {state.get('world')} process(es) x "
+                             f"batch {state.get('batch_size')} per process, this run has {world} x {batch_size}; "
+                             "the data stream, per-process randomness and EMA would differ. Resume with the same "
+                             "torchrun --nproc_per_node and batch size, or use another run folder")
         if start > steps:
             raise ValueError(f"{ckpt} is at step {start}, beyond steps={steps}; use another run_dir or more steps")
         model.load_state_dict(tensors["model"])
@@ -178,15 +189,9 @@ def train(model: nn.Module, objective: Objective, source: BatchSource, *, run_di
     step_module: nn.Module = _Step(model, objective)
     if world > 1:
         step_module = DistributedDataParallel(step_module, device_ids=[dev.index] if dev.type == "cuda" else None)
-        if ckpt is None:
-            ema.load_state_dict(model.state_dict())  # DDP has broadcast rank 0's initial weights
 
-    ema_params = list(ema.parameters())
-    model_params = [p.detach() for p in model.parameters()]
-    cast = any(p.dtype != torch.float32 for p in model_params)
-    buffer_pairs = list(zip(ema.buffers(), model.buffers()))
     samples_per_step = batch_size * world
-    beta = ema_beta(samples_per_step, ema_halflife)
+    ema_beta(samples_per_step, ema_halflife, ema_rampup)
     generators = _global_generators(dev)
     log_path = run_dir / "log.jsonl"
     if main:
@@ -217,11 +222,10 @@ def train(model: nn.Module, objective: Objective, source: BatchSource, *, run_di
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if grad_clip > 0:
-            norms.append(clip_grad_norm(params, grad_clip))
+            norms.append(nn.utils.clip_grad_norm_(params, grad_clip, foreach=True))
         opt.step()
-        update_ema(ema_params, [p.float() for p in model_params] if cast else model_params, beta)
-        for b_ema, b in buffer_pairs:
-            b_ema.copy_(b)
+        decay.beta = ema_beta(samples_per_step, ema_halflife, ema_rampup, step * samples_per_step)
+        ema.update_parameters(model)
         losses.append(loss.detach())
         window_steps += 1
         pbar.update(1)
@@ -270,6 +274,6 @@ def train(model: nn.Module, objective: Objective, source: BatchSource, *, run_di
     pbar.close()
 
     if main and (start < steps or not (run_dir / "model.safetensors").is_file()):
-        save_model(run_dir / "model", ema.state_dict(), {**meta, "step": steps})
+        save_model(run_dir / "model", ema.module.state_dict(), {**meta, "step": steps})
     barrier()
-    return ema
+    return ema.module

@@ -72,8 +72,11 @@ def test_demo_on_moons_student_beats_one_step_teacher(tmp_path):
     rows = {r["label"]: r for r in metrics["results"]}
     teacher1, student1 = rows["teacher euler NFE 1"][key], rows["student lines NFE 1"][key]
     assert student1 * 3 < teacher1
-    assert rows["student lines NFE 1"]["straightness"] == 0.0
-    assert rows["teacher heun NFE 32"]["straightness"] > rows["student lines NFE 2"]["straightness"]
+    # straightness is measured on 32 Euler steps of each model's own ODE: one value per model, whatever the sampler
+    teacher_s = {r["straightness"] for r in metrics["results"] if r["model"] == "teacher"}
+    student_s = {r["straightness"] for r in metrics["results"] if r["model"] == "student"}
+    assert len(teacher_s) == len(student_s) == 1
+    assert rows["teacher euler NFE 1"]["straightness"] > rows["student lines NFE 1"]["straightness"] > 0
     page = (run / "report.html").read_text()
     assert "Time per stage" in page and "train student" in page and "<svg" in page
     assert set(json.loads((run / "timings.json").read_text())) == {
@@ -123,3 +126,39 @@ def test_eval_reference_cache_is_reused_and_refuses_other_data(tmp_path, capsys)
     assert json.loads((tmp_path / "r.json").read_text())["results"][0]["fd_pixel"] == first
     assert main([*alone, "eval.features=proxy"]) == 2
     assert "ref.npz" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("preset,extra", [
+    (None, ["teacher.net.channels=8", "student.net.channels=8", "teacher.steps=2"]),
+    ("toy_moons.toml", ["teacher.net.width=32", "student.net.width=32", "data.n=500", "teacher.steps=2"]),
+])
+def test_student_starts_as_the_teachers_endpoint_predictor(tmp_path, preset, extra):
+    """student.init=teacher with the default student.precond=teacher: before training (0 steps) the student is
+    N(x_t, t) = the teacher's own endpoint prediction at every line time (EDM: D(x_t / t, (1-t)/t))."""
+    from pathlib import Path
+
+    import torch
+
+    from lmm.models import load_model
+    from lmm.teachers import EDMTeacher
+
+    run = tmp_path / "run"
+    cfg = [] if preset is None else ["-c", str(Path(__file__).parent.parent / "configs" / preset)]
+    common = [*cfg, f"run.dir={run}", "run.progress=false", "teacher.train.steps=3", "student.train.steps=0",
+              "pairs.n=64", "pairs.shard_size=64", "pairs.batch_size=64", "teacher.train.batch_size=16",
+              "student.train.batch_size=16", *extra]
+    for stage in (["teacher", "train"], ["pairs"], ["train"]):
+        assert main([*stage, *common]) == 0
+    teacher, _ = load_model(run / "teacher")
+    student, smeta = load_model(run / "student")
+    assert smeta["objective_kwargs"]["precond"] == ("edm" if isinstance(teacher, EDMTeacher) else "velocity")
+    shape = tuple(student.data_shape)
+    g = torch.Generator().manual_seed(0)
+    x_t = torch.randn(6, *shape, generator=g)
+    t = torch.tensor([0.0, 0.005, 0.1, 0.4, 0.8, 0.97])
+    with torch.no_grad():
+        torch.testing.assert_close(student(x_t, t), teacher.line_endpoint(x_t, t), atol=1e-5, rtol=1e-5)
+        if isinstance(teacher, EDMTeacher):
+            tt = t[2:].reshape(-1, *[1] * len(shape))
+            want = teacher.model(x_t[2:] / tt, (1 - t[2:]) / t[2:])
+            torch.testing.assert_close(student(x_t[2:], t[2:]), want, atol=1e-5, rtol=1e-5)

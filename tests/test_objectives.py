@@ -66,8 +66,40 @@ def test_lines_precond_formula_and_velocity():
     torch.testing.assert_close(pred, tb * sd**2 / var * x_t + sd * (1 - tb) / var.sqrt() * out)
     torch.testing.assert_close(rec.calls[0][0], x_t / var.sqrt())
     torch.testing.assert_close(rec.calls[0][1], 1000 * t)
-    torch.testing.assert_close(LinesModel(rec, precond=False)(x_t, t), out)
+    torch.testing.assert_close(LinesModel(rec, precond="none")(x_t, t), out)
     torch.testing.assert_close(LinesModel(rec, sigma_data=sd).velocity(x_t, t), (pred - x_t) / (1 - tb))
+
+
+@pytest.mark.parametrize("precond", ["edm", "velocity", "lines"])
+def test_every_parameterisation_is_exact_at_the_data_end(precond):
+    x_t = _rand(4, *SHAPE)
+    assert torch.equal(LinesModel(Recorder(1e3 * _rand(4, *SHAPE, seed=1)), precond=precond)(x_t, torch.ones(4)), x_t)
+
+
+def test_student_with_edm_precond_is_the_teachers_denoiser_on_the_line():
+    """N(x_t, t) = D(x_t / t, (1-t)/t) with the teacher's own net and preconditioning, sigma clamped at sigma_max
+    (and the input then scaled so that t = 0 gives D(sigma_max z, sigma_max), the teacher's first call)."""
+    torch.manual_seed(0)
+    net = TinyNet(0)
+    teacher = EDMDenoiser(net, sigma_data=0.5)
+    student = LinesModel(net, sigma_data=0.5, precond="edm", sigma_max=80.0)
+    x_t = _rand(4, *SHAPE)
+    t = torch.tensor([0.05, 0.3, 0.7, 0.99])
+    sigma = (1 - t) / t
+    want = teacher(x_t / t.reshape(-1, 1, 1, 1), sigma)
+    torch.testing.assert_close(student(x_t, t), want, atol=1e-5, rtol=1e-5)
+    z = _rand(4, *SHAPE, seed=2)
+    torch.testing.assert_close(student(z, torch.zeros(4)), teacher(80 * z, torch.full((4,), 80.0)), atol=1e-5, rtol=1e-5)
+    t_max = torch.full((4,), 1 / 81)
+    torch.testing.assert_close(student(x_t, t_max), teacher(81 * x_t, torch.full((4,), 80.0)), atol=1e-5, rtol=1e-5)
+
+
+def test_student_with_velocity_precond_is_the_flow_teachers_endpoint():
+    torch.manual_seed(0)
+    net = TinyNet(0)
+    x_t, t = _rand(3, *SHAPE), torch.tensor([0.0, 0.4, 0.9])
+    want = x_t + (1 - t).reshape(-1, 1, 1, 1) * VelocityModel(net)(x_t, t)
+    torch.testing.assert_close(LinesModel(net, precond="velocity")(x_t, t), want, atol=1e-6, rtol=1e-6)
 
 
 def test_edm_denoiser_matches_edm_formulas():

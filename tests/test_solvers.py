@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from lmm.nets.precond import EDMDenoiser, VelocityModel, edm_coefficients
-from lmm.solvers import METHODS, expected_nfe, solve
+from lmm.solvers import RK_METHODS, dpm_solver_2m, expected_nfe, solve
 from lmm.teachers import (
     EDMTeacher,
     FlowTeacher,
@@ -31,14 +31,14 @@ def _error(method, steps, t0, t1):
     return (sol.x - exact).abs().max().item()
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", RK_METHODS)
 @pytest.mark.parametrize("direction", [(0.0, 2.0), (2.0, 0.0)])
 def test_convergence_order(method, direction):
     e1, e2 = _error(method, 20, *direction), _error(method, 40, *direction)
     assert math.log2(e1 / e2) == pytest.approx(ORDERS[method], abs=0.25)
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", RK_METHODS)
 @pytest.mark.parametrize("singular_end", [False, True])
 def test_nfe_counts_are_exact(method, singular_end):
     steps = 7
@@ -89,6 +89,23 @@ def test_edm_grid():
     assert expected_nfe("heun", 18, singular_end=teacher.singular_end) == 35
 
 
+def test_edm_trimmed_grid_spends_no_call_at_sigma_min():
+    teacher = EDMTeacher(nn.Identity())
+    g = teacher.grid(2, "trimmed")
+    ref = ((80 ** (1 / 7) + 0.5 * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7)
+    assert g.tolist() == pytest.approx([80.0, ref, 0.0]) and ref > 1.0
+    assert teacher.grid(2, "edm").tolist() == pytest.approx([80.0, 0.002, 0.0])
+    g = teacher.grid(18, "trimmed")
+    full = (80 ** (1 / 7) + torch.arange(19, dtype=torch.float64) / 18 * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7
+    torch.testing.assert_close(g[:-1], full[:-1])
+    assert g[-1].item() == 0.0 and g[-2].item() > 0.002
+    assert teacher.grid(1, "trimmed").tolist() == [80.0, 0.0]
+    with pytest.raises(ValueError, match="schedule 'karras'"):
+        teacher.grid(3, "karras")
+    with pytest.raises(ValueError, match="integer >= 1, got 0"):
+        teacher.grid(0)
+
+
 def test_flow_grid():
     g = FlowTeacher(nn.Identity()).grid(4)
     assert g.dtype == torch.float64 and g.tolist() == [0.0, 0.25, 0.5, 0.75, 1.0]
@@ -129,7 +146,7 @@ class CurvedField(nn.Module):
         return MU + (t * S**2 - (1 - t)) / var * (x - t * MU)
 
 
-@pytest.mark.parametrize("method", ["euler", "rk4"])
+@pytest.mark.parametrize("method", ["euler", "rk4", "dpm++2m"])
 def test_flow_teacher_straight_gaussian(method):
     z = torch.randn(64, 3, generator=torch.Generator().manual_seed(0))
     sol = sample_teacher(FlowTeacher(VelocityModel(StraightField())), z, 5, method, return_trajectory=True)
@@ -176,3 +193,44 @@ def test_edm_teacher_gaussian_heun():
     for k in (0, 9, 17):
         sigma = teacher.grid(18)[k]
         torch.testing.assert_close(sol.endpoints[k], teacher.endpoint(sol.trajectory[k], sigma), atol=1e-4, rtol=1e-4)
+
+
+def _gaussian_error(method: str, steps: int, schedule: str, z: torch.Tensor) -> float:
+    """Max error of the EDM teacher's sample against the exact ODE solution for data N(MU, S^2 I)."""
+    teacher = EDMTeacher(EDMDenoiser(GaussianDenoiserNet()))
+    exact = MU + (80 * z - MU) * S / math.sqrt(S**2 + 80**2)
+    return (sample_teacher(teacher, z.double(), steps, method, schedule=schedule).x - exact).abs().max().item()
+
+
+def test_few_step_teacher_rows_on_the_gaussian_case():
+    """The known answer: exact probability-flow ODE of a Gaussian. On EDM's own grid Euler's second call is spent
+    at sigma_min, so 2 steps are no better than 1; the trimmed grid makes it count, and DPM-Solver++(2M) beats
+    Euler at equal NFE and converges at second order."""
+    z = torch.randn(256, 3, generator=torch.Generator().manual_seed(3))
+    one = _gaussian_error("euler", 1, "edm", z)
+    assert _gaussian_error("euler", 2, "edm", z) == pytest.approx(one, rel=0.01)
+    assert _gaussian_error("euler", 2, "trimmed", z) < 0.9 * one
+    # two steps of DPM-Solver++(2M) are two first-order steps: Euler on the same grid
+    assert _gaussian_error("dpm++2m", 2, "trimmed", z) == pytest.approx(_gaussian_error("euler", 2, "trimmed", z))
+    for steps in (3, 4, 8, 16, 32):
+        assert _gaussian_error("dpm++2m", steps, "trimmed", z) < _gaussian_error("euler", steps, "trimmed", z)
+    e32, e64 = _gaussian_error("dpm++2m", 32, "trimmed", z), _gaussian_error("dpm++2m", 64, "trimmed", z)
+    assert math.log2(e32 / e64) > 1.8 and e64 < 0.01
+    assert _gaussian_error("heun", 32, "trimmed", z) < 0.5 * _gaussian_error("euler", 32, "trimmed", z)
+
+
+def test_dpm_solver_nfe_and_input_checks():
+    calls = []
+
+    def denoise(x, t):
+        calls.append(float(t))
+        return torch.zeros_like(x)
+
+    grid = torch.tensor([4.0, 2.0, 1.0, 0.0], dtype=torch.float64)
+    sol = dpm_solver_2m(denoise, X0, grid, torch.ones(4), grid, return_trajectory=True)
+    assert sol.nfe == len(calls) == 3 == expected_nfe("dpm++2m", 3, singular_end=True) and 0.0 not in calls
+    assert len(sol.trajectory) == 4 and torch.equal(sol.x, torch.zeros(3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="last = 0"):
+        dpm_solver_2m(denoise, X0, grid, torch.ones(4), grid + 1)
+    with pytest.raises(ValueError, match="Runge-Kutta"):
+        solve(_f, X0, grid, "dpm++2m")

@@ -9,6 +9,8 @@ from pathlib import Path
 from lmm import dist
 from lmm.config import ConfigError, flat_keys, load_config
 from lmm.io import save_json
+from lmm.solvers import METHODS
+from lmm.teachers.base import SCHEDULES
 
 CONFIG_HELP = """Config: a TOML preset (-c, e.g. configs/fashion_mnist.toml; default: the embedded digits
 preset) and any number of KEY=VALUE overrides (e.g. teacher.train.steps=500 run.dir=runs/x
@@ -79,15 +81,18 @@ def cmd_sample(args: argparse.Namespace) -> None:
     device = dist.init_distributed(args.device).device
     model, meta = load_model(args.model, device)
     grid = [float(g) for g in args.grid.split(",")] if args.grid else None
+    schedule = "edm"
     if meta["role"] == "teacher":
         solver = args.solver or meta["teacher"]["solver"]
         steps = args.steps or (args.nfe if args.nfe else meta["teacher"]["steps"])
-    elif args.solver or args.steps:
-        raise SystemExit("--solver/--steps apply to teachers; students take --nfe, --grid and --mode")
+        schedule = args.schedule or meta["teacher"].get("schedule", "edm")
+    elif args.solver or args.steps or args.schedule:
+        raise SystemExit("--solver/--steps/--schedule apply to teachers; students take --nfe, --grid and --mode")
     else:
         solver, steps = "lines", None
+    bf16 = dist.resolve_bf16(True if args.bf16 == "on" else False if args.bf16 == "off" else "auto", device)
     result = pipeline.sample(model, args.n, seed=args.seed, batch_size=args.batch_size, nfe=args.nfe, grid=grid,
-                             mode=args.mode, solver=solver, steps=steps, bf16=args.bf16, device=device,
+                             mode=args.mode, solver=solver, steps=steps, schedule=schedule, bf16=bf16, device=device,
                              progress=dist.is_main())
     if dist.is_main():
         path = pipeline.save_samples(result, args.out)
@@ -109,8 +114,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
         save_json(args.out, metrics)
         key = metrics["distance_key"]
         for row in metrics["results"]:
-            print(f"{row['label']}: " + "  ".join(f"{k} {row[k]:.4f}" for k in (key, "precision", "recall",
-                                                                               "straightness") if row.get(k) is not None))
+            print(f"{row['label']}: " + "  ".join(f"{k} {row[k]:.4f}" for k in (
+                key, "precision", "recall", "straightness", "endpoint_drift") if row.get(k) is not None))
         print(args.out)
         plot = nfe_plot(metrics["results"], key)
         if plot:
@@ -180,18 +185,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", default=None, help="student time grid, comma separated, e.g. 0,0.5 (default for NFE)")
     p.add_argument("--mode", choices=["line", "restart"], default="line",
                    help="student: step along the line (default) or restart from fresh noise each step")
-    p.add_argument("--solver", choices=["euler", "heun", "midpoint", "rk4"], default=None,
+    p.add_argument("--solver", choices=list(METHODS), default=None,
                    help="teacher ODE solver (default: the teacher's own)")
     p.add_argument("--steps", type=int, default=None, help="teacher solver steps (default: the teacher's own)")
+    p.add_argument("--schedule", choices=list(SCHEDULES), default=None,
+                   help="teacher time grid: edm (EDM's, last call at sigma_min) or trimmed (that call moved to where "
+                        "it changes the sample; better at few steps) (default: the teacher's own)")
     p.add_argument("--batch-size", type=int, default=500, help="samples per batch (default 500)")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    p.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
+                   help="bf16 autocast: auto = on for GPUs and CPUs with native bf16 (AVX-512 BF16, AMX) (default auto)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("eval", help="score sample files or a model at several NFE against a dataset",
                        description="Frechet distance (eval.features: inception = FID, proxy, pixel) and precision/"
-                                   "recall of --samples files and/or --model sampled at each --nfe (teachers: Euler "
-                                   "with NFE steps; students: student.grid or the default grid), against data.* "
+                                   "recall of --samples files and/or --model sampled at each --nfe (teachers: each of "
+                                   "eval.teacher_solvers with the most steps that fit, trimmed grid; students: their "
+                                   "own grid or the default grid), against data.* "
                                    "(data.split picks train or test).", epilog=CONFIG_HELP, formatter_class=fmt)
     _add_config_args(p)
     p.add_argument("--samples", type=Path, nargs="*", default=[], help=".npz files from lmm sample (key 'images')")

@@ -1,4 +1,4 @@
-"""Evaluation metrics: Frechet distances (FID / proxy / pixel), precision-recall, straightness."""
+"""Evaluation metrics: Frechet distances (FID / proxy / pixel), precision-recall, straightness, endpoint drift."""
 
 from lmm.metrics.features import (
                                   EXTRACTORS,
@@ -9,7 +9,7 @@ from lmm.metrics.features import (
                                   get_extractor,
 )
 from lmm.metrics.frechet import FeatureStats, frechet_distance, frechet_distance_stats
-from lmm.metrics.prdc import knn_radii, precision_recall
+from lmm.metrics.prdc import knn_radii, precision_recall, subset_indices
 from lmm.metrics.reference import (
                                   compute_stats,
                                   hash_images,
@@ -17,8 +17,9 @@ from lmm.metrics.reference import (
                                   read_meta,
                                   save_stats,
 )
-from lmm.metrics.straightness import endpoint_spread, straightness
+from lmm.metrics.straightness import endpoint_consistency, endpoint_spread, straightness
 
 __all__ = ["EXTRACTORS", "FeatureExtractor", "FeatureStats", "InceptionFeatures", "PixelFeatures", "ProxyFeatures",
-           "compute_stats", "endpoint_spread", "frechet_distance", "frechet_distance_stats", "get_extractor",
-           "hash_images", "knn_radii", "load_stats", "precision_recall", "read_meta", "save_stats", "straightness"]
+           "compute_stats", "endpoint_consistency", "endpoint_spread", "frechet_distance", "frechet_distance_stats",
+           "get_extractor", "hash_images", "knn_radii", "load_stats", "precision_recall", "read_meta", "save_stats",
+           "straightness", "subset_indices"]

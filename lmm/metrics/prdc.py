@@ -31,6 +31,16 @@ def knn_radii(feats: Tensor, k: int, max_bytes: int = 256 << 20) -> Tensor:
     return out
 
 
+def subset_indices(n: int, m: int, seed: int) -> Tensor:
+    """Increasing indices (min(m, n),) of a random subset of m of n rows drawn with ``seed`` (all rows when m >= n),
+    for precision/recall on equal numbers of real and generated samples as Kynkaanniemi et al. compute it."""
+    if m < 1:
+        raise ValueError(f"subset_indices: need m >= 1, got {m}")
+    if m >= n:
+        return torch.arange(n)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:m].sort().values
+
+
 def _covered(queries: Tensor, centres: Tensor, radii: Tensor, max_bytes: int) -> Tensor:
     """Bool (Q,): whether each query lies in at least one ball (centres (M, D), radii (M,))."""
     out = torch.empty(queries.shape[0], dtype=torch.bool, device=queries.device)

@@ -14,7 +14,7 @@ from lmm.io import atomic_path
 from lmm.metrics.features import FeatureExtractor
 from lmm.metrics.frechet import FeatureStats
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 def hash_images(images: Tensor | np.ndarray) -> str:
@@ -42,7 +42,8 @@ def compute_stats(extractor: FeatureExtractor, images: Tensor | np.ndarray, *,
 
 
 def _identity(extractor: FeatureExtractor) -> dict[str, str]:
-    return {"extractor": extractor.name, "spec": extractor.spec, "network_hash": extractor.file_hash}
+    return {"extractor": extractor.name, "spec": extractor.spec, "network_hash": extractor.file_hash,
+            "impl": extractor.impl}
 
 
 def save_stats(path: str | Path, stats: FeatureStats, meta: dict, *, extractor: FeatureExtractor,
@@ -64,14 +65,14 @@ def read_meta(path: str | Path) -> dict:
     """The ``meta`` dict stored in a stats cache, plus its identity fields."""
     with np.load(path, allow_pickle=False) as z:
         out = json.loads(str(z["meta"]))
-        out.update({k: str(z[k]) for k in ("extractor", "spec", "network_hash", "data_hash")})
+        out.update({k: str(z[k]) for k in ("extractor", "spec", "network_hash", "impl", "data_hash")})
         out["n"] = int(z["n"])
     return out
 
 
 def load_stats(path: str | Path, extractor: FeatureExtractor, data_hash: str | None = None) -> FeatureStats:
-    """Load a cache, refusing (ValueError naming file and field) one made by another extractor,
-    network file, preprocessing or (when ``data_hash`` is given) other data."""
+    """Load a cache, refusing (ValueError naming file and field) one of another format version or made by another
+    extractor, network file, preprocessing, implementation (extractor.impl) or (when ``data_hash`` is given) data."""
     path = Path(path)
     with np.load(path, allow_pickle=False) as z:
         if "format" not in z or int(z["format"]) != FORMAT_VERSION:
@@ -84,6 +85,7 @@ def load_stats(path: str | Path, extractor: FeatureExtractor, data_hash: str | N
             got = str(z[field])
             if got != want:
                 raise ValueError(f"{path}: field '{field}' is {got!r} but the current run has {want!r}; "
-                                 "the cache was made with another extractor/network/data: delete it or recompute")
+                                 "the cache was made with another extractor/implementation/network/data: delete it or "
+                                 "recompute")
         features = z["features"] if "features" in z else None
         return FeatureStats.from_moments(z["mu"], z["sigma"], int(z["n"]), features=features)

@@ -1,4 +1,4 @@
-"""Trajectory straightness (Liu et al., rectified flow) and the spread of endpoint predictions."""
+"""Trajectory straightness (Liu et al., rectified flow), temporal consistency and spread of endpoint predictions."""
 
 from __future__ import annotations
 
@@ -33,6 +33,31 @@ def straightness(trajectory: list[Tensor], times: Tensor) -> float:
         u = (trajectory[k + 1].detach().double() - trajectory[k].detach().double()) / dtau
         total += dtau * (chord - u).flatten(1).pow(2).mean(1)
     return total.mean().item()
+
+
+def endpoint_consistency(endpoints: list[Tensor], times: Tensor) -> dict[str, float]:
+    """How much the endpoint prediction moves along one trajectory (0 for both when it stays put).
+
+    endpoints: K >= 2 predictions N_0..N_{K-1} of the data endpoint, each (B, ...), made at the strictly
+    increasing times t_0..t_{K-1} of ``times`` (K,). Returns
+    ``endpoint_drift`` = mean_batch sum_k mean_dims (N_{k+1} - N_k)^2 / (t_{k+1} - t_k), the Riemann sum of
+    E int ||dN/dt||^2 dt (per dimension), and ``endpoint_to_final`` = mean over k < K-1 of the batch mean
+    of the RMS (over dims) distance of N_k to the last prediction N_{K-1}.
+    """
+    times = torch.as_tensor(times, dtype=torch.float64).flatten()
+    if len(endpoints) < 2 or times.numel() != len(endpoints):
+        raise ValueError(f"endpoint_consistency: need K >= 2 predictions and as many times, got {len(endpoints)} "
+                         f"predictions and {times.numel()} times")
+    ts = times.tolist()
+    if any(b <= a for a, b in zip(ts[:-1], ts[1:])):
+        raise ValueError(f"endpoint_consistency: times must be strictly increasing, got {ts}")
+    preds = [x.detach().double().flatten(1) for x in endpoints]
+    final = preds[-1]
+    drift = torch.zeros(final.shape[0], dtype=torch.float64, device=final.device)
+    for k in range(len(preds) - 1):
+        drift += (preds[k + 1] - preds[k]).pow(2).mean(1) / (ts[k + 1] - ts[k])
+    to_final = [(x - final).pow(2).mean(1).sqrt().mean().item() for x in preds[:-1]]
+    return {"endpoint_drift": drift.mean().item(), "endpoint_to_final": sum(to_final) / len(to_final)}
 
 
 def endpoint_spread(endpoints: list[Tensor], data_mean: Tensor) -> dict[str, list[float]]:

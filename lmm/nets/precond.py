@@ -19,7 +19,7 @@ def batch_times(t: Tensor | float, x: Tensor) -> Tensor:
     return t
 
 
-def _bcast(c: Tensor, x: Tensor) -> Tensor:
+def bcast(c: Tensor, x: Tensor) -> Tensor:
     """(B,) coefficient reshaped to broadcast against x (B, ...)."""
     return c.reshape(-1, *([1] * (x.ndim - 1)))
 
@@ -35,10 +35,23 @@ def lines_coefficients(t: Tensor, sigma_data: float = 0.5) -> tuple[Tensor, Tens
 
 
 def edm_coefficients(sigma: Tensor, sigma_data: float = 0.5) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(c_skip, c_out, c_in, c_noise) of EDM (Karras et al. 2022, table 1), each shaped like sigma."""
+    """(c_skip, c_out, c_in, c_noise) of EDM (Karras et al. 2022, table 1), each shaped like sigma.
+    c_noise = ln(sigma)/4 is floored at sigma = 1e-20 so that sigma = 0 (c_out = 0) stays finite."""
     sd2 = sigma_data**2
     var = sigma**2 + sd2
-    return sd2 / var, sigma * sigma_data / var.sqrt(), var.rsqrt(), sigma.log() / 4
+    return sd2 / var, sigma * sigma_data / var.sqrt(), var.rsqrt(), sigma.clamp_min(1e-20).log() / 4
+
+
+def edm_line_scale(t: Tensor, sigma_max: float) -> tuple[Tensor, Tensor]:
+    """(scale, sigma), each shaped like t, that put the line point x_t = (1-t) z + t x1 on EDM's path:
+    scale * x_t = x1' + sigma z with sigma = min((1-t)/t, sigma_max), scale = sigma / (1-t).
+
+    For t >= 1/(1+sigma_max) this is x_t / t = x1 + ((1-t)/t) z exactly; below it sigma is clamped at
+    sigma_max (at t = 0, scale * z = sigma_max z, the EDM teacher's start). At t = 1: scale 1, sigma 0.
+    """
+    sigma = ((1 - t) / t.clamp_min(1e-30)).clamp(max=sigma_max)
+    scale = torch.where(t < 1, sigma / (1 - t).clamp_min(1e-30), torch.ones_like(t))
+    return scale, sigma
 
 
 class _Wrapper(nn.Module):
@@ -73,33 +86,53 @@ class EDMDenoiser(_Wrapper):
     def forward(self, x: Tensor, sigma: Tensor, y: Tensor | None = None) -> Tensor:
         sigma = batch_times(sigma, x)
         c_skip, c_out, c_in, c_noise = edm_coefficients(sigma, self.sigma_data)
-        return _bcast(c_skip, x) * x + _bcast(c_out, x) * self.net(_bcast(c_in, x) * x, c_noise, y)
+        return bcast(c_skip, x) * x + bcast(c_out, x) * self.net(bcast(c_in, x) * x, c_noise, y)
+
+
+PRECONDS = ("edm", "velocity", "lines", "none")
 
 
 class LinesModel(_Wrapper):
     """Endpoint predictor x1_hat = N(x_t, t, y) on the line x_t = (1-t) z + t x1; x_t (B, ...), t (B,).
 
-    With precond: x1_hat = c_skip(t) x_t + c_out(t) F(c_in(t) x_t, 1000 t, y) (see `lines_coefficients`;
-    c_skip(1) = 1, c_out(1) = 0, so the data end is exact). Without: x1_hat = F(x_t, 1000 t, y).
+    precond (how the raw net F is wrapped; the first two are the teachers' own parameterisations, so a
+    student that starts from a teacher's weights starts as exactly that teacher's endpoint predictor):
+    - "edm": x1_hat = D(s x_t; sigma) with EDM's denoiser D (`edm_coefficients`, noise label ln(sigma)/4)
+      and (s, sigma) from `edm_line_scale` (sigma = (1-t)/t clamped at sigma_max);
+    - "velocity": x1_hat = x_t + (1-t) F(x_t, 1000 t, y), a flow-matching teacher's endpoint;
+    - "lines": x1_hat = c_skip(t) x_t + c_out(t) F(c_in(t) x_t, 1000 t, y) (`lines_coefficients`);
+    - "none": x1_hat = F(x_t, 1000 t, y).
+    All but "none" are exact at the data end (x1_hat = x_t at t = 1).
     """
 
-    def __init__(self, net: nn.Module, sigma_data: float = 0.5, precond: bool = True) -> None:
+    def __init__(self, net: nn.Module, sigma_data: float = 0.5, precond: str = "lines",
+                 sigma_max: float = 80.0) -> None:
         super().__init__(net)
+        if precond not in PRECONDS:
+            raise ValueError(f"unknown student precond {precond!r}; valid: {', '.join(PRECONDS)}")
         self.sigma_data = float(sigma_data)
-        self.precond = bool(precond)
+        self.precond = precond
+        self.sigma_max = float(sigma_max)
 
     def forward(self, x_t: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         t = batch_times(t, x_t)
-        if not self.precond:
+        if self.precond == "edm":
+            scale, sigma = edm_line_scale(t, self.sigma_max)
+            x = bcast(scale, x_t) * x_t
+            c_skip, c_out, c_in, c_noise = edm_coefficients(sigma, self.sigma_data)
+            return bcast(c_skip, x) * x + bcast(c_out, x) * self.net(bcast(c_in, x) * x, c_noise, y)
+        if self.precond == "velocity":
+            return x_t + bcast(1 - t, x_t) * self.net(x_t, 1000 * t, y)
+        if self.precond == "none":
             return self.net(x_t, 1000 * t, y)
         c_skip, c_out, c_in = lines_coefficients(t, self.sigma_data)
-        out = self.net(_bcast(c_in, x_t) * x_t, 1000 * t, y)
-        return _bcast(c_skip, x_t) * x_t + _bcast(c_out, x_t) * out
+        out = self.net(bcast(c_in, x_t) * x_t, 1000 * t, y)
+        return bcast(c_skip, x_t) * x_t + bcast(c_out, x_t) * out
 
     def velocity(self, x_t: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         """Implied velocity (x1_hat - x_t) / (1 - t), (B, ...); undefined at t = 1."""
         t = batch_times(t, x_t)
-        return (self(x_t, t, y) - x_t) / _bcast(1 - t, x_t)
+        return (self(x_t, t, y) - x_t) / bcast(1 - t, x_t)
 
 
 __all__ = [
@@ -107,6 +140,8 @@ __all__ = [
     "LinesModel",
     "VelocityModel",
     "batch_times",
+    "bcast",
     "edm_coefficients",
+    "edm_line_scale",
     "lines_coefficients",
 ]

@@ -6,6 +6,10 @@ import inspect
 import torch
 from torch import Tensor, nn
 
+from lmm.nets.precond import bcast
+
+__all__ = ["Objective", "bcast", "sample_times"]
+
 
 class Objective:
     """A training objective.
@@ -46,8 +50,3 @@ def sample_times(n: int, time_sampling: str, logit_mean: float, logit_std: float
     if time_sampling == "logit_normal":
         return torch.sigmoid(logit_mean + logit_std * torch.randn(n, dtype=like.dtype, device=like.device))
     raise ValueError(f"unknown time_sampling {time_sampling!r}")
-
-
-def bcast(c: Tensor, x: Tensor) -> Tensor:
-    """(B,) tensor reshaped to broadcast against x (B, ...)."""
-    return c.reshape(-1, *([1] * (x.ndim - 1)))

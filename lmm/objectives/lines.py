@@ -5,7 +5,7 @@ import torch
 from torch import Tensor, nn
 
 from lmm.losses import DISTANCES, get_distance
-from lmm.nets.precond import LinesModel, lines_coefficients
+from lmm.nets.precond import PRECONDS, LinesModel, lines_coefficients
 from lmm.objectives.base import Objective, bcast, sample_times
 
 TIME_SAMPLINGS = ("uniform", "logit_normal", "grid")
@@ -16,6 +16,8 @@ MAX_BALANCED_WEIGHT = 1e4
 class Lines(Objective):
     """L = w(t) d(N(x_t, t, y), x1) with x_t = (1-t) z + t x1 on pairs {"z", "x1", "y" optional}.
 
+    precond: the student's parameterisation (lmm.nets.precond.LinesModel: "edm", "velocity", "lines", "none");
+    sigma_max and sigma_data are an "edm" student's (its teacher's) and also set "lines"' c_skip/c_out.
     distance: "l2" (mean over dims of the squared error) | "pseudo_huber" (c = 0.00054 sqrt(dim)).
     time_sampling: "uniform" U[0, 1) | "logit_normal" sigmoid(N(logit_mean, logit_std^2)) |
     "grid" uniform over the sampler grid `grid` (e.g. (0.0,) for NFE 1, (0.0, 0.5) for NFE 2).
@@ -37,7 +39,8 @@ class Lines(Objective):
         logit_mean: float = 0.0,
         logit_std: float = 1.0,
         sigma_data: float = 0.5,
-        precond: bool = True,
+        precond: str = "lines",
+        sigma_max: float = 80.0,
     ) -> None:
         if distance not in DISTANCES:
             raise ValueError(f"unknown distance {distance!r} for lines; valid: {', '.join(DISTANCES)}")
@@ -54,11 +57,16 @@ class Lines(Objective):
         self.weighting = weighting
         self.logit_mean = float(logit_mean)
         self.logit_std = float(logit_std)
+        if isinstance(precond, bool):  # model files written before precond named a parameterisation
+            precond = "lines" if precond else "none"
+        if precond not in PRECONDS:
+            raise ValueError(f"unknown precond {precond!r} for lines; valid: {', '.join(PRECONDS)}")
         self.sigma_data = float(sigma_data)
-        self.precond = bool(precond)
+        self.precond = precond
+        self.sigma_max = float(sigma_max)
 
     def build_model(self, net: nn.Module) -> nn.Module:
-        return LinesModel(net, sigma_data=self.sigma_data, precond=self.precond)
+        return LinesModel(net, sigma_data=self.sigma_data, precond=self.precond, sigma_max=self.sigma_max)
 
     def sample_t(self, n: int, like: Tensor) -> Tensor:
         """(n,) line times with like's dtype/device."""

@@ -5,7 +5,9 @@ import torch
 from torch import Tensor, nn
 
 from lmm.nets.precond import batch_times
-from lmm.solvers import Solution, solve
+from lmm.solvers import Solution, dpm_solver_2m, solve
+
+SCHEDULES = ("edm", "trimmed")
 
 
 class Teacher(nn.Module):
@@ -17,15 +19,24 @@ class Teacher(nn.Module):
 
     kind: str
     objective: str
+    line_precond: str
     singular_end: bool = False
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
 
-    def grid(self, steps: int) -> Tensor:
-        """(steps+1,) float64 times; grid[0] is the noise end, grid[-1] the data end."""
+    def grid(self, steps: int, schedule: str = "edm") -> Tensor:
+        """(steps+1,) float64 times; grid[0] is the noise end, grid[-1] the data end. schedule: one of SCHEDULES."""
         raise NotImplementedError
+
+    @staticmethod
+    def _check_grid_args(steps: int, schedule: str) -> int:
+        if isinstance(steps, bool) or int(steps) != steps or steps < 1:
+            raise ValueError(f"teacher solver steps must be an integer >= 1, got {steps!r}")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"unknown teacher schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
+        return int(steps)
 
     def prior(self, z: Tensor, grid: Tensor) -> Tensor:
         """State at grid[0] from unit noise z (B, ...)."""
@@ -39,13 +50,19 @@ class Teacher(nn.Module):
         """The data-end prediction implied by velocity v at (x, t), (B, ...)."""
         raise NotImplementedError
 
-    def to_line(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-        """State x (B, ...) at teacher time t (scalar) in the line convention x_s = (1-s) z + s x1: (x_s, s)."""
-        return x, t
-
     def endpoint(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         """The teacher's prediction of the data endpoint at (x, t), (B, ...)."""
         return self.endpoint_from_velocity(x, t, self.velocity(x, t, y))
+
+    def line_endpoint(self, x_t: Tensor, t: Tensor | float, y: Tensor | None = None) -> Tensor:
+        """The teacher's endpoint prediction at the point x_t (B, ...) of the line x_t = (1-t) z + t x1,
+        line time t scalar or (B,): the one-step predictor a student with the teacher's own parameterisation
+        (lmm.nets.precond.LinesModel, precond = `line_precond`) equals at initialisation."""
+        raise NotImplementedError
+
+    def alpha_sigma(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """(alpha, sigma) of the teacher's path x = alpha x1 + sigma z at teacher times t, for multistep solvers."""
+        raise NotImplementedError
 
     def _call_model(self, x: Tensor, t: Tensor, y: Tensor | None) -> Tensor:
         """Model output for state x (B, ...) at scalar time t, computed in float32, returned in x's dtype."""
@@ -62,32 +79,32 @@ def sample_teacher(
     y: Tensor | None = None,
     return_trajectory: bool = False,
     progress: bool = False,
+    schedule: str = "edm",
 ) -> Solution:
-    """Deterministic teacher sample x1 (B, ...) from unit noise z (B, ...) on teacher.grid(steps).
+    """Deterministic teacher sample x1 (B, ...) from unit noise z (B, ...) on teacher.grid(steps, schedule),
+    with a Runge-Kutta method of lmm.solvers.solve or "dpm++2m" (lmm.solvers.dpm_solver_2m on the teacher's
+    endpoint prediction and alpha_sigma).
 
     The teacher runs in eval mode (its previous mode is restored). With return_trajectory the
     Solution holds the steps+1 states on the grid and, in `endpoints`, the teacher's endpoint
-    prediction at grid[0..steps-1], derived from each step's first velocity evaluation (no extra NFE).
+    prediction at grid[0..steps-1], from each step's first evaluation (no extra NFE).
     """
-    grid = teacher.grid(steps)
+    grid = teacher.grid(steps, schedule)
     endpoints: list[Tensor] | None = [] if return_trajectory else None
 
     def record(k: int, x: Tensor, t: Tensor, v: Tensor) -> None:
-        endpoints.append(teacher.endpoint_from_velocity(x, t, v))
+        endpoints.append(v if method == "dpm++2m" else teacher.endpoint_from_velocity(x, t, v))
 
+    kw = dict(return_trajectory=return_trajectory, progress=progress, callback=record if return_trajectory else None)
     was_training = teacher.training
     teacher.eval()
     try:
-        sol = solve(
-            lambda x, t: teacher.velocity(x, t, y),
-            teacher.prior(z, grid),
-            grid,
-            method=method,
-            singular_end=teacher.singular_end,
-            return_trajectory=return_trajectory,
-            progress=progress,
-            callback=record if return_trajectory else None,
-        )
+        if method == "dpm++2m":
+            sol = dpm_solver_2m(lambda x, t: teacher.endpoint(x, t, y), teacher.prior(z, grid), grid,
+                                *teacher.alpha_sigma(grid), **kw)
+        else:
+            sol = solve(lambda x, t: teacher.velocity(x, t, y), teacher.prior(z, grid), grid, method=method,
+                        singular_end=teacher.singular_end, **kw)
     finally:
         teacher.train(was_training)
     sol.endpoints = endpoints

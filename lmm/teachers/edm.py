@@ -4,18 +4,23 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from lmm.nets.precond import bcast, batch_times, edm_line_scale
 from lmm.teachers.base import Teacher
 
 
 class EDMTeacher(Teacher):
     """Probability-flow ODE dx/dsigma = (x - D(x; sigma)) / sigma from sigma_max z down to sigma = 0.
 
-    grid(N): sigma_i = (smax^(1/rho) + i/(N-1) (smin^(1/rho) - smax^(1/rho)))^rho, i = 0..N-1, then 0
-    (N intervals; N = 1 gives [sigma_max, 0]). The velocity is undefined at sigma = 0 (singular_end).
+    grid(N, "edm"): EDM's sigma_i = (smax^(1/rho) + i/(N-1) (smin^(1/rho) - smax^(1/rho)))^rho, i = 0..N-1,
+    then 0 (N intervals; N = 1 gives [sigma_max, 0]): its last call is at sigma_min, where a step to 0 changes
+    next to nothing, so few-step samplers waste it. grid(N, "trimmed"): the same schedule over N + 1 points,
+    i/N instead of i/(N-1), with its last point (sigma_min) replaced by 0, so every call moves the sample.
+    The velocity is undefined at sigma = 0 (singular_end).
     """
 
     kind = "edm"
     objective = "edm"
+    line_precond = "edm"
     singular_end = True
 
     def __init__(self, model: nn.Module, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> None:
@@ -26,14 +31,13 @@ class EDMTeacher(Teacher):
         self.sigma_max = float(sigma_max)
         self.rho = float(rho)
 
-    def grid(self, steps: int) -> Tensor:
-        if steps < 1:
-            raise ValueError(f"steps must be >= 1, got {steps}")
+    def grid(self, steps: int, schedule: str = "edm") -> Tensor:
+        steps = self._check_grid_args(steps, schedule)
         if steps == 1:
             return torch.tensor([self.sigma_max, 0.0], dtype=torch.float64)
         i = torch.arange(steps, dtype=torch.float64)
         lo, hi = self.sigma_min ** (1 / self.rho), self.sigma_max ** (1 / self.rho)
-        sigmas = (hi + i / (steps - 1) * (lo - hi)) ** self.rho
+        sigmas = (hi + i / (steps - 1 if schedule == "edm" else steps) * (lo - hi)) ** self.rho
         return torch.cat([sigmas, sigmas.new_zeros(1)])
 
     def prior(self, z: Tensor, grid: Tensor) -> Tensor:
@@ -45,9 +49,14 @@ class EDMTeacher(Teacher):
     def endpoint_from_velocity(self, x: Tensor, t: Tensor, v: Tensor) -> Tensor:
         return x - float(t) * v
 
-    def to_line(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-        """x_sigma = x1 + sigma z is the line point at s = 1/(1+sigma), scaled by 1/s: x_s = x_sigma / (1+sigma)."""
-        return x / (1 + float(t)), 1 / (1 + t)
-
     def endpoint(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         return self._call_model(x, t, y)
+
+    def line_endpoint(self, x_t: Tensor, t: Tensor | float, y: Tensor | None = None) -> Tensor:
+        t = batch_times(t, x_t)
+        scale, sigma = edm_line_scale(t, self.sigma_max)
+        xf = bcast(scale, x_t) * x_t.float()
+        return self.model(xf, sigma, y).to(x_t.dtype)
+
+    def alpha_sigma(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        return torch.ones_like(t), t

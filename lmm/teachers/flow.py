@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from lmm.nets.precond import bcast, batch_times
 from lmm.teachers.base import Teacher
 
 SPACINGS = ("uniform", "quadratic")
@@ -17,6 +18,7 @@ class FlowTeacher(Teacher):
 
     kind = "flow"
     objective = "flow_matching"
+    line_precond = "velocity"
     singular_end = False
 
     def __init__(self, model: nn.Module, spacing: str = "uniform") -> None:
@@ -25,9 +27,9 @@ class FlowTeacher(Teacher):
             raise ValueError(f"unknown flow grid spacing {spacing!r}; valid: {', '.join(SPACINGS)}")
         self.spacing = spacing
 
-    def grid(self, steps: int) -> Tensor:
-        if steps < 1:
-            raise ValueError(f"steps must be >= 1, got {steps}")
+    def grid(self, steps: int, schedule: str = "edm") -> Tensor:
+        """Its spacing's grid; it ends at t = 1 and spends no call there, so both schedules give the same grid."""
+        steps = self._check_grid_args(steps, schedule)
         u = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64)
         return u if self.spacing == "uniform" else 1 - (1 - u) ** 2
 
@@ -39,3 +41,11 @@ class FlowTeacher(Teacher):
 
     def endpoint_from_velocity(self, x: Tensor, t: Tensor, v: Tensor) -> Tensor:
         return x + float(1 - t) * v
+
+    def line_endpoint(self, x_t: Tensor, t: Tensor | float, y: Tensor | None = None) -> Tensor:
+        t = batch_times(t, x_t)
+        v = self.model(x_t.float(), t, y).to(x_t.dtype)
+        return x_t + bcast(1 - t, x_t).to(x_t.dtype) * v
+
+    def alpha_sigma(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        return t, 1 - t

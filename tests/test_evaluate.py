@@ -1,0 +1,91 @@
+"""lmm.evaluate: precision/recall on equal numbers of real and generated samples; each model's own-ODE metrics."""
+import torch
+from torch import nn
+
+from lmm.evaluate import PR_K, Reference, evaluate_sampler, own_ode_metrics, score
+from lmm.metrics import FeatureStats, precision_recall, subset_indices
+from lmm.models import build_model
+from lmm.objectives import get_objective
+from lmm.teachers import FlowTeacher
+
+CPU = torch.device("cpu")
+
+
+def _points(n: int, seed: int, shift: float = 0.0) -> torch.Tensor:
+    return torch.randn(n, 2, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) + shift
+
+
+def _reference(real: torch.Tensor, seed: int = 7) -> Reference:
+    stats = FeatureStats(keep_features=True)
+    stats.add(real)
+    return Reference(stats, None, "fd_points", "points", seed)
+
+
+def test_precision_recall_on_a_seeded_real_subset_as_large_as_the_samples():
+    real, fake = _points(1000, 0), _points(200, 1, shift=0.3)
+    ref = _reference(real)
+    row = score(ref, fake.numpy())
+    assert row["precision_recall"] == {"features": "points", "k": PR_K, "n_real": 200, "n_fake": 200}
+    assert list(ref.pr_subsets) == [200]
+    idx, radii = ref.pr_subsets[200]
+    assert idx.shape == (200,) and radii.shape == (200,) and len(set(idx.tolist())) == 200
+    assert torch.equal(idx, subset_indices(1000, 200, 7))
+    want = precision_recall(real[idx], fake, k=PR_K)
+    assert (row["precision"], row["recall"]) == (want["precision"], want["recall"])
+    assert score(ref, fake.numpy()) == row and list(ref.pr_subsets) == [200]
+    again = _reference(real)
+    assert score(again, fake.numpy()) == row
+    assert not torch.equal(_reference(real, seed=8).real_subset(200)[0], idx)
+    # more samples than reference points: the samples are cut to the reference's size instead
+    few = score(_reference(real[:150]), fake.numpy())
+    assert few["precision_recall"] == {"features": "points", "k": PR_K, "n_real": 150, "n_fake": 150}
+    want = precision_recall(real[:150], fake[subset_indices(200, 150, 7)], k=PR_K)
+    assert (few["precision"], few["recall"]) == (want["precision"], want["recall"])
+
+
+class _Scaling(nn.Module):
+    """Endpoint prediction a z for the line point x_t = (1-t) z + t a z: a x_t / (1 - t + t a), constant
+    along each line, so its own ODE is exactly straight. As a velocity model (flow teacher): the velocity
+    (a - 1) x / (1 + (a - 1) t) of the same ODE."""
+
+    data_shape, num_classes = (2, 3), 0
+
+    def __init__(self, a: float, velocity: bool) -> None:
+        super().__init__()
+        self.a, self.velocity = a, velocity
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        t = t.reshape(-1, 1, 1)
+        if self.velocity:
+            return (self.a - 1) * x / (1 + (self.a - 1) * t)
+        return self.a * x / (1 - t + t * self.a)
+
+
+def test_own_ode_metrics_vanish_for_predictions_constant_along_the_line():
+    student = _Scaling(2.0, velocity=False)
+    teacher = FlowTeacher(_Scaling(2.0, velocity=True)).train()
+    for model in (student, teacher):
+        out = own_ode_metrics(model, seed=0, device=CPU)
+        assert set(out) == {"straightness", "endpoint_drift", "endpoint_to_final"}
+        assert all(abs(v) < 1e-5 for v in out.values()), out  # float32 rounding of predictions ~1
+    assert teacher.training
+
+
+def test_rows_at_nfe_1_carry_nonzero_own_ode_metrics_of_teacher_and_student():
+    net = {"kind": "mlp", "width": 32, "depth": 2}
+    torch.manual_seed(0)
+    teacher = FlowTeacher(build_model(get_objective("flow_matching"), net, (2,), 0)).eval()
+    student = build_model(get_objective("lines"), net, (2,), 0).eval()
+    with torch.no_grad():
+        for p in [*teacher.parameters(), *student.parameters()]:  # off the zero-initialised output layers
+            p.normal_(0.0, 0.5)
+    cfg = {"eval": {"n": 64, "seed": 0, "batch_size": 64}, "run": {"bf16": False, "progress": False}}
+    ref = _reference(_points(300, 2))
+    for role, model, how in (("teacher", teacher, {"solver": "euler", "steps": 1}),
+                             ("student", student, {"solver": "lines", "grid": [0.0]})):
+        own = own_ode_metrics(model, seed=3, device=CPU)
+        assert own["straightness"] > 1e-6 and own["endpoint_drift"] > 1e-6 and own["endpoint_to_final"] > 1e-6
+        assert own_ode_metrics(model, seed=3, device=CPU) == own
+        row, _ = evaluate_sampler(cfg, ref, role, model, how, CPU, own)
+        assert row["nfe"] == 1 and {k: row[k] for k in own} == own
+        assert row["precision_recall"] == {"features": "points", "k": PR_K, "n_real": 64, "n_fake": 64}
