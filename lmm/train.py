@@ -141,7 +141,7 @@ def train(model: nn.Module, objective: Objective, source: BatchSource, *, run_di
           batch_size: int, lr: float, ema_halflife: float, warmup_steps: int, grad_clip: float, bf16: bool,
           seed: int, ckpt_every: int, log_every: int, meta: dict[str, Any], device: str | torch.device,
           progress: bool = True, optimizer: str = "adamw", weight_decay: float = 0.0, keep: int = 2,
-          ema_rampup: float = 0.05) -> nn.Module:
+          ema_rampup: float = 0.25) -> nn.Module:
     """Train `model` in place for `steps` optimizer steps in total (resuming from run_dir's latest checkpoint).
 
     objective(model, batch) -> per-sample loss (batch_size,); the step loss is its mean. batch_size is per

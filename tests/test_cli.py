@@ -45,7 +45,8 @@ def test_stages_on_digits(tmp_path, capsys):
     assert main(["teacher", "train", *common]) == 0
     assert main(["pairs", *common]) == 0
     manifest = json.loads((run / "pairs" / "manifest.json").read_text())
-    assert manifest["n_pairs"] == 96 and manifest["nfe"] == 5 and manifest["solver"] == "heun"
+    assert manifest["n_pairs"] == 96 and manifest["nfe"] == 3 and manifest["solver"] == "dpm++2m"
+    assert manifest["schedule"] == "trimmed"
     assert len(manifest["grid"]) == 4 and manifest["grid"][-1] == 0.0
     assert main(["train", *common]) == 0
     out = tmp_path / "s.npz"
