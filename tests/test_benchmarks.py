@@ -121,8 +121,8 @@ def test_ablate_student_variants_and_only(monkeypatch):
 def test_bench_bf16(tiny_run):
     stdout = _bench("bench_bf16.py", "--run", tiny_run, *TINY, "--steps", "2", "-n", "16")
     assert "| measurement | fp32 | bf16 | bf16 / fp32 |" in stdout
-    for row in ("| student training (samples/s) |", "| teacher heun sampling (samples/s) |",
-                "| teacher heun quality (pixel FD, 16 samples) |", "| student NFE 1 quality (pixel FD, 16 samples) |"):
+    for row in ("| student training (samples/s) |", "| teacher dpm++2m sampling (samples/s) |",
+                "| teacher dpm++2m quality (pixel FD, 16 samples) |", "| student NFE 1 quality (pixel FD, 16 samples) |"):
         assert row in stdout
 
 
