@@ -44,3 +44,24 @@ def test_presets_in_repo_load():
         cfg = load_config(path)
         json.dumps(cfg)
         assert dict(flat_keys(cfg))["run.dir"]
+
+
+def test_bf16_auto_follows_the_cpu_flags(monkeypatch, tmp_path):
+    import torch
+
+    from lmm import dist
+
+    assert dist.resolve_bf16(True, torch.device("cpu")) is True
+    assert dist.resolve_bf16(False, torch.device("cpu")) is False
+    with pytest.raises(ValueError, match="run.bf16"):
+        dist.resolve_bf16("yes", torch.device("cpu"))
+    for flags, want in (("fpu avx2 avx512f", False), ("fpu avx2 avx512f avx512_bf16", True), ("avx2 amx_bf16", True)):
+        cpuinfo = tmp_path / "cpuinfo"
+        cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n")
+        real_path = dist.Path
+        monkeypatch.setattr(dist, "Path", lambda p: cpuinfo if p == "/proc/cpuinfo" else real_path(p))
+        assert dist.resolve_bf16("auto", torch.device("cpu")) is want
+    assert load_config(None, ["run.bf16=false"])["run"]["bf16"] is False
+    assert load_config(None)["run"]["bf16"] == "auto"
+    with pytest.raises(ConfigError, match="expects true, false or"):
+        load_config(None, ["run.bf16=1"])

@@ -13,8 +13,9 @@ SCHEDULES = ("edm", "trimmed")
 class Teacher(nn.Module):
     """An ODE from noise (grid[0]) to data (grid[-1]) in the teacher's own time variable.
 
-    Subclasses set `kind`, `objective` (the objective name its model trains with) and `singular_end`,
-    and implement grid, prior, velocity and endpoint_from_velocity.
+    Subclasses set `kind`, `objective` (the objective name its model trains with), `line_precond` (the
+    lmm.nets.precond.LinesModel parameterisation that writes their model on the line) and `singular_end`,
+    and implement grid, prior, velocity, endpoint_from_velocity, line_endpoint and alpha_sigma.
     """
 
     kind: str
