@@ -83,10 +83,9 @@ def train_teacher(cfg: dict) -> Path:
     model = build_model(objective, cfg["teacher"]["net"], tuple(data.x.shape[1:]), ncls)
     tensors = {"x": data.x} if ncls == 0 else {"x": data.x, "y": data.y}
     out = run_dir(cfg) / "teacher"
-    meta = model_meta("teacher", objective, cfg["teacher"]["net"], tuple(data.x.shape[1:]), ncls, cfg,
-                      use_bf16(cfg, device))
-    train(model, objective, TensorSource(tensors, seed=cfg["run"]["seed"]), run_dir=out, meta=meta,
-          **_train_kwargs(cfg, cfg["teacher"], device))
+    kw = _train_kwargs(cfg, cfg["teacher"], device)
+    meta = model_meta("teacher", objective, cfg["teacher"]["net"], tuple(data.x.shape[1:]), ncls, cfg, kw["bf16"])
+    train(model, objective, TensorSource(tensors, seed=cfg["run"]["seed"]), run_dir=out, meta=meta, **kw)
     dist.barrier()
     return out / "model.safetensors"
 
@@ -142,11 +141,12 @@ def train_student(cfg: dict, store: str | Path | None = None, teacher_path: str 
         _init_from_teacher(model, Path(teacher_path or manifest["teacher"]["path"]), s["net"])
     elif s["init"] != "scratch":
         raise ValueError(f"student.init: unknown '{s['init']}'; valid: teacher, scratch")
-    meta = model_meta("student", objective, s["net"], shape, ncls, cfg, use_bf16(cfg, device))
+    kw = _train_kwargs(cfg, s, device)
+    meta = model_meta("student", objective, s["net"], shape, ncls, cfg, kw["bf16"])
     meta["pairs"] = {"path": str(store), "teacher_sha256": manifest["teacher"]["sha256"], "n": manifest["n_pairs"]}
     out = run_dir(cfg) / "student"
     train(model, objective, PairSource(store, seed=cfg["run"]["seed"], window=s["window"]), run_dir=out, meta=meta,
-          **_train_kwargs(cfg, s, device))
+          **kw)
     dist.barrier()
     return out / "model.safetensors"
 

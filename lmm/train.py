@@ -149,7 +149,7 @@ def train(model: nn.Module, objective: Objective, source: BatchSource, *, run_di
     in samples of the global batch, ramped up as min(ema_halflife, ema_rampup * samples seen) (see
     `ema_beta`). grad_clip 0 disables clipping. A checkpoint resumes only with the world size and per-rank
     batch it was written with (the data stream, the per-rank randomness and the EMA depend on both).
-    Returns the EMA model (fp32, eval mode); rank 0 also writes run_dir/model.safetensors + model.json (left
+    Returns the EMA model (the model's dtype, eval mode); rank 0 also writes run_dir/model.safetensors + model.json (left
     as they are when a finished run is called again, so that files made from the model stay valid).
     Raises FloatingPointError on a non-finite loss (no checkpoint is written for or after that step).
     """

@@ -54,6 +54,12 @@ def edm_line_scale(t: Tensor, sigma_max: float) -> tuple[Tensor, Tensor]:
     return scale, sigma
 
 
+def edm_denoise(net: nn.Module, x: Tensor, sigma: Tensor, sigma_data: float, y: Tensor | None = None) -> Tensor:
+    """EDM's D(x; sigma) = c_skip x + c_out F(c_in x, ln(sigma)/4, y) of a raw net F; x (B, ...), sigma (B,)."""
+    c_skip, c_out, c_in, c_noise = edm_coefficients(sigma, sigma_data)
+    return bcast(c_skip, x) * x + bcast(c_out, x) * net(bcast(c_in, x) * x, c_noise, y)
+
+
 class _Wrapper(nn.Module):
     def __init__(self, net: nn.Module) -> None:
         super().__init__()
@@ -84,9 +90,7 @@ class EDMDenoiser(_Wrapper):
         self.sigma_data = float(sigma_data)
 
     def forward(self, x: Tensor, sigma: Tensor, y: Tensor | None = None) -> Tensor:
-        sigma = batch_times(sigma, x)
-        c_skip, c_out, c_in, c_noise = edm_coefficients(sigma, self.sigma_data)
-        return bcast(c_skip, x) * x + bcast(c_out, x) * self.net(bcast(c_in, x) * x, c_noise, y)
+        return edm_denoise(self.net, x, batch_times(sigma, x), self.sigma_data, y)
 
 
 PRECONDS = ("edm", "velocity", "lines", "none")
@@ -118,9 +122,7 @@ class LinesModel(_Wrapper):
         t = batch_times(t, x_t)
         if self.precond == "edm":
             scale, sigma = edm_line_scale(t, self.sigma_max)
-            x = bcast(scale, x_t) * x_t
-            c_skip, c_out, c_in, c_noise = edm_coefficients(sigma, self.sigma_data)
-            return bcast(c_skip, x) * x + bcast(c_out, x) * self.net(bcast(c_in, x) * x, c_noise, y)
+            return edm_denoise(self.net, bcast(scale, x_t) * x_t, sigma, self.sigma_data, y)
         if self.precond == "velocity":
             return x_t + bcast(1 - t, x_t) * self.net(x_t, 1000 * t, y)
         if self.precond == "none":
@@ -142,6 +144,7 @@ __all__ = [
     "batch_times",
     "bcast",
     "edm_coefficients",
+    "edm_denoise",
     "edm_line_scale",
     "lines_coefficients",
 ]

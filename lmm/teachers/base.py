@@ -66,7 +66,7 @@ class Teacher(nn.Module):
         raise NotImplementedError
 
     def _call_model(self, x: Tensor, t: Tensor, y: Tensor | None) -> Tensor:
-        """Model output for state x (B, ...) at scalar time t, computed in float32, returned in x's dtype."""
+        """Model output for state x (B, ...) at time t (scalar or (B,)), computed in float32, returned in x's dtype."""
         xf = x.to(torch.float32)
         return self.model(xf, batch_times(t, xf), y).to(x.dtype)
 

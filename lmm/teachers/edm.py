@@ -53,10 +53,8 @@ class EDMTeacher(Teacher):
         return self._call_model(x, t, y)
 
     def line_endpoint(self, x_t: Tensor, t: Tensor | float, y: Tensor | None = None) -> Tensor:
-        t = batch_times(t, x_t)
-        scale, sigma = edm_line_scale(t, self.sigma_max)
-        xf = bcast(scale, x_t) * x_t.float()
-        return self.model(xf, sigma, y).to(x_t.dtype)
+        scale, sigma = edm_line_scale(batch_times(t, x_t), self.sigma_max)
+        return self._call_model(bcast(scale, x_t).to(x_t.dtype) * x_t, sigma, y)
 
     def alpha_sigma(self, t: Tensor) -> tuple[Tensor, Tensor]:
         return torch.ones_like(t), t

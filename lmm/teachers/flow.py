@@ -44,8 +44,7 @@ class FlowTeacher(Teacher):
 
     def line_endpoint(self, x_t: Tensor, t: Tensor | float, y: Tensor | None = None) -> Tensor:
         t = batch_times(t, x_t)
-        v = self.model(x_t.float(), t, y).to(x_t.dtype)
-        return x_t + bcast(1 - t, x_t).to(x_t.dtype) * v
+        return x_t + bcast(1 - t, x_t).to(x_t.dtype) * self._call_model(x_t, t, y)
 
     def alpha_sigma(self, t: Tensor) -> tuple[Tensor, Tensor]:
         return t, 1 - t
