@@ -5,7 +5,10 @@ per tensor dict (e.g. model, ema), `state.pt` (optimizer state etc., loadable wi
 and `meta.json` (step, sha256 of every file, user meta). It is written into a temporary folder and
 renamed into place, so a folder named `step-*` is always complete.
 
-A model file is `X.safetensors` (weights, with the meta also embedded in its header) + `X.json` (meta).
+A model file is `X.safetensors` (weights, with the meta also embedded in its header) + `X.json` (meta). The
+meta records `weights_sha256`, a digest of the tensors (names, dtypes, shapes, bytes); loading checks it, and
+checks that `X.json` equals the meta embedded in `X.safetensors`, so a damaged file or a JSON file swapped
+between two models is refused instead of used.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import json
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +29,9 @@ from safetensors.torch import save as st_save
 
 from lmm.io import atomic_write_bytes
 
-CHECKPOINT_FORMAT = "lmm-checkpoint/1"
+CHECKPOINT_FORMAT = "lmm-checkpoint/2"
+_OLD_CHECKPOINT_FORMATS = ("lmm-checkpoint/1",)
+DIGEST_KEY = "weights_sha256"
 _STEP_DIR = re.compile(r"step-(\d{8,})")
 _NAME = re.compile(r"[A-Za-z0-9_-]+")
 _META_KEY = "lmm_meta"
@@ -69,6 +75,21 @@ def _plain_tensors(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def _record_digest(record: dict[str, Any]) -> str:
+    body = {k: v for k, v in record.items() if k != "record_sha256"}
+    return _sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
+
+
+def tensors_sha256(state_dict: dict[str, torch.Tensor]) -> str:
+    """sha256 over the tensors' names, dtypes, shapes and bytes, in sorted name order."""
+    h = hashlib.sha256()
+    for key in sorted(state_dict):
+        t = state_dict[key].detach().to("cpu").contiguous()
+        h.update(f"{key}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def _read(path: Path) -> bytes:
@@ -141,6 +162,7 @@ def save_checkpoint(run_dir: str | Path, step: int, tensors: dict[str, dict[str,
     files["state.pt"] = buf.getvalue()
     record = {"format": CHECKPOINT_FORMAT, "step": step,
               "sha256": {fname: _sha256(data) for fname, data in files.items()}, "meta": meta}
+    record["record_sha256"] = _record_digest(record)
     files["meta.json"] = _json_bytes(record, "checkpoint meta")
 
     final = root / step_dir_name(step)
@@ -168,8 +190,11 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, dict[str, torch.Tensor]
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint folder not found: {path}")
     record = _load_json(path / "meta.json")
-    if not isinstance(record, dict) or record.get("format") != CHECKPOINT_FORMAT:
+    if not isinstance(record, dict) or record.get("format") not in (CHECKPOINT_FORMAT, *_OLD_CHECKPOINT_FORMATS):
         raise CorruptFileError(f"{path / 'meta.json'}: not an lmm checkpoint record (format {CHECKPOINT_FORMAT})")
+    if record["format"] == CHECKPOINT_FORMAT and record.get("record_sha256") != _record_digest(record):
+        raise CorruptFileError(f"corrupt checkpoint record {path / 'meta.json'}: its content does not match its "
+                               "record_sha256")
     tensors: dict[str, dict[str, torch.Tensor]] = {}
     state: dict[str, Any] | None = None
     for fname, digest in record["sha256"].items():
@@ -198,27 +223,57 @@ def _model_paths(path: str | Path) -> tuple[Path, Path]:
 def save_model(path: str | Path, state_dict: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
     """Write `X.safetensors` (weights; meta embedded in the header) and `X.json` (meta), each atomically.
 
-    path: `X`, `X.safetensors` or `X.json`. Returns the `.safetensors` path.
+    path: `X`, `X.safetensors` or `X.json`. The stored meta is `meta` plus `weights_sha256` (see
+    `tensors_sha256`). Returns the `.safetensors` path.
     """
     weights, meta_path = _model_paths(path)
-    meta_bytes = _json_bytes(meta, f"meta for {weights}")
-    atomic_write_bytes(weights, st_save(_plain_tensors(state_dict), metadata={_META_KEY: meta_bytes.decode()}))
+    tensors = _plain_tensors(state_dict)
+    meta_bytes = _json_bytes({**meta, DIGEST_KEY: tensors_sha256(tensors)}, f"meta for {weights}")
+    atomic_write_bytes(weights, st_save(tensors, metadata={_META_KEY: meta_bytes.decode()}))
     atomic_write_bytes(meta_path, meta_bytes)
     return weights
 
 
+def _embedded_meta(path: Path, data: bytes) -> dict[str, Any] | None:
+    try:
+        header = json.loads(data[8: 8 + int.from_bytes(data[:8], "little")])
+        embedded = header.get("__metadata__", {}).get(_META_KEY)
+        return None if embedded is None else json.loads(embedded)
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise CorruptFileError(f"corrupt safetensors header in {path}: {e}") from None
+
+
 def load_model_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(state_dict, meta) from `X.safetensors` + `X.json` (the meta embedded in the weights if the JSON is absent)."""
+    """(state_dict, meta) from `X.safetensors` + `X.json` (the meta embedded in the weights if the JSON is absent).
+
+    Raises CorruptFileError when the tensors do not match the recorded `weights_sha256` or `X.json` differs
+    from the meta embedded in `X.safetensors`. A file without a digest (written before digests existed)
+    loads with a warning.
+    """
     weights, meta_path = _model_paths(path)
     data = _read(weights)
     state_dict = _load_safetensors(weights, data)
+    embedded = _embedded_meta(weights, data)
     if meta_path.is_file():
         meta = _load_json(meta_path)
+        if embedded is not None and embedded != meta:
+            raise CorruptFileError(
+                f"{meta_path} does not belong to {weights}: it differs from the meta embedded in the weights (a "
+                f"damaged file, or JSON files swapped between models). Delete {meta_path} to use the embedded meta")
+    elif embedded is None:
+        raise FileNotFoundError(f"missing file: {meta_path} (and {weights} has no embedded meta)")
     else:
-        header_len = int.from_bytes(data[:8], "little")
-        header = json.loads(data[8: 8 + header_len])
-        embedded = header.get("__metadata__", {}).get(_META_KEY)
-        if embedded is None:
-            raise FileNotFoundError(f"missing file: {meta_path} (and {weights} has no embedded meta)")
-        meta = json.loads(embedded)
+        meta = embedded
+    if not isinstance(meta, dict):
+        raise CorruptFileError(f"{meta_path}: the model meta must be a JSON object")
+    recorded = meta.get(DIGEST_KEY)
+    if recorded is None:
+        warnings.warn(f"{weights} records no {DIGEST_KEY} (written by an older lmm): its integrity is not checked",
+                      stacklevel=2)
+    elif tensors_sha256(state_dict) != recorded:
+        raise CorruptFileError(
+            f"{weights} is damaged: its tensors do not match the {DIGEST_KEY} recorded with it. To recover, restore "
+            f"it from a copy, or delete {weights.name} and {meta_path.name} and rerun the command that trained it "
+            "with the same config: it rewrites them from the run's last checkpoint (checkpoints/step-*), or "
+            "retrains when there is none")
     return state_dict, meta

@@ -100,6 +100,20 @@ DEFAULTS: dict[str, Any] = {
     },
 }
 
+# Lower bounds of numeric keys (`*` matches teacher and student); lists of positive integers; choices.
+_AT_LEAST: dict[str, float] = {
+    "run.seed": 0, "data.n": 0, "data.resolution": 0, "data.channels": 0,
+    "teacher.steps": 1, "teacher.sigma_min": 1e-12, "teacher.sigma_max": 1e-12, "teacher.rho": 1e-12,
+    "teacher.sigma_data": 1e-12, "teacher.P_std": 0.0,
+    "pairs.n": 1, "pairs.shard_size": 1, "pairs.batch_size": 1, "pairs.seed": 0,
+    "student.sigma_data": 1e-12, "student.logit_std": 0.0, "student.window": 1,
+    "*.train.steps": 0, "*.train.batch_size": 1, "*.train.lr": 0.0, "*.train.ema_halflife": 0.0,
+    "*.train.ema_rampup": 0.0, "*.train.warmup_steps": 0, "*.train.grad_clip": 0.0, "*.train.ckpt_every": 1,
+    "*.train.log_every": 1,
+    "eval.n": 2, "eval.batch_size": 1, "eval.seed": 0,
+}
+_POSITIVE_LISTS = ("eval.teacher_nfe", "eval.student_nfe")
+_CHOICES = {"eval.split": ("", "train", "test"), "data.split": ("train", "test")}
 REPLACED_WHOLE = {"net"}
 BOOL_OR_AUTO = {"run.bf16"}
 
@@ -182,7 +196,25 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> di
         _merge(cfg, data, "", str(path), preset=True)
     for text in overrides:
         _merge(cfg, parse_override(text), "", f"override '{text}'", preset=False)
+    check_values(cfg)
     return cfg
+
+
+def check_values(cfg: dict) -> None:
+    """Raise ConfigError naming the key of any count, step, size or rate outside its range."""
+    values = dict(flat_keys(cfg))
+    for key, value in values.items():
+        pattern = key.replace("teacher.train.", "*.train.").replace("student.train.", "*.train.")
+        low = _AT_LEAST.get(key, _AT_LEAST.get(pattern))
+        if low is not None and value < low:
+            bound = "a positive number" if 0 < low < 1e-6 else f">= {low:g}"
+            raise ConfigError(f"'{key}' must be {bound}, got {value!r}")
+        if key in _CHOICES and value not in _CHOICES[key]:
+            raise ConfigError(f"'{key}' must be one of {', '.join(map(repr, _CHOICES[key]))}, got {value!r}")
+    for key in _POSITIVE_LISTS:
+        value = values[key]
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value):
+            raise ConfigError(f"'{key}' must be a list of positive integers, got {value!r}")
 
 
 def flat_keys(cfg: dict, prefix: str = "") -> list[tuple[str, Any]]:

@@ -34,7 +34,8 @@ def resolve_device(device: str | torch.device, local_rank: int = 0) -> torch.dev
     device = torch.device(device)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError(f"device '{device}' requested but CUDA is not available; use device 'cpu' or 'auto'")
+            raise ValueError(f"device '{device}' (--device or run.device) requested but CUDA is not available on "
+                             "this machine; use cpu or auto")
         if device.index is None:
             device = torch.device("cuda", local_rank)
     return device

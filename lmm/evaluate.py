@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,8 +31,8 @@ from lmm.metrics import (
 )
 from lmm.models import load_model
 from lmm.pipeline import load_data, noise_batches, run_dir, sample, save_samples, use_bf16
-from lmm.sampling import default_grid, sample_lines
-from lmm.solvers import expected_nfe
+from lmm.sampling import grid_for, sample_lines
+from lmm.solvers import steps_within
 from lmm.teachers import Teacher
 
 DISTANCE_KEYS = {"inception": "fid", "proxy": "fd_proxy", "pixel": "fd_pixel"}
@@ -142,14 +143,6 @@ def score(ref: Reference, samples: np.ndarray) -> dict[str, Any]:
     return row
 
 
-def steps_within(solver: str, nfe: int, singular_end: bool) -> int:
-    """The most steps of `solver` whose NFE (lmm.solvers.expected_nfe) is at most `nfe` (0 if none fits)."""
-    steps = 0
-    while expected_nfe(solver, steps + 1, singular_end) <= nfe:
-        steps += 1
-    return steps
-
-
 def _reduces_to_euler(solver: str, steps: int, singular_end: bool) -> bool:
     """One Heun/RK4 step into a singular end is an Euler step; DPM-Solver++(2M) is first order on its first and
     last steps, so with 1 or 2 steps it is Euler."""
@@ -162,7 +155,7 @@ def sweep(model: torch.nn.Module | Teacher, nfes: list[int], student_grid: list[
     (`steps_within`) on the trimmed schedule (no call spent at sigma_min), skipping a solver where it would
     repeat Euler's row; students: `student_grid` when k equals its length, lmm.sampling.default_grid(k) otherwise."""
     if not isinstance(model, Teacher):
-        return [{"solver": "lines", "grid": student_grid if k == len(student_grid) else default_grid(k)} for k in nfes]
+        return [{"solver": "lines", "grid": grid_for(k, student_grid)} for k in nfes]
     rows: list[dict[str, Any]] = []
     for k in nfes:
         for solver in teacher_solvers:
@@ -341,6 +334,30 @@ def evaluate_run(cfg: dict, teacher_path: str | Path | None = None, student_path
     return metrics
 
 
+def load_samples(path: str | Path) -> np.ndarray:
+    """The `images` of a sample file from `lmm sample`: uint8 (N, H, W, C), or float (N, D) for vector data.
+    Anything else raises ValueError naming the file."""
+    expected = "an .npz from lmm sample with 'images' uint8 N x H x W x C (float N x D for vector data)"
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"sample file not found: {path}")
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path}: not an .npz file; expected {expected}")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            images = f["images"] if "images" in f else None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise ValueError(f"{path}: unreadable .npz ({err}); expected {expected}") from None
+    if images is None:
+        raise ValueError(f"{path}: no 'images' array; expected {expected}")
+    ok = (images.ndim == 4 and images.dtype == np.uint8 and images.shape[-1] in (1, 3)) or (
+        images.ndim == 2 and images.dtype.kind == "f")
+    if not ok:
+        raise ValueError(f"{path}: 'images' is {images.dtype} {images.shape}; expected {expected}")
+    if images.shape[0] < 2:
+        raise ValueError(f"{path}: holds {images.shape[0]} image(s); a Frechet distance needs at least 2")
+    return images
+
+
 def evaluate_inputs(cfg: dict, *, samples: list[Path] = (), model: Path | None = None, nfes: list[int] = (),
                     cache: Path | None = None, ref_file: Path | None = None) -> dict:
     """`lmm eval`: score sample files (.npz with `images`) and/or a model sampled at each NFE in `nfes`
@@ -352,18 +369,15 @@ def evaluate_inputs(cfg: dict, *, samples: list[Path] = (), model: Path | None =
     if ref_file is not None and cache is not None:
         raise ValueError("lmm eval: give --ref (a statistics file alone) or --ref-cache (dataset + cache), not both")
     progress = cfg["run"]["progress"] and dist.is_main()
+    sample_sets = [(path, load_samples(path)) for path in samples]
+    net, meta = load_model(model, device) if model is not None else (None, None)
     ref = reference(cfg, device, cache) if ref_file is None else reference_file(ref_file, e["features"], device,
                                                                                seed=e["seed"], progress=progress)
     settings = _settings(cfg, ref, device)
     rows = []
-    for path in samples:
-        with np.load(path) as f:
-            if "images" not in f:
-                raise ValueError(f"{path}: no 'images' array (expected uint8 N x H x W x C from lmm sample)")
-            images = f["images"]
+    for path, images in sample_sets:
         rows.append({"label": str(path), "model": "file", **score(ref, images)})
     if model is not None:
-        net, meta = load_model(model, device)
         model = Path(model)
         settings["model_sha256"] = file_sha256(model / "model.safetensors" if model.is_dir()
                                                else model.with_suffix(".safetensors"))

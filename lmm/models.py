@@ -24,7 +24,7 @@ _RESUME_FREE = ["config.run.dir", "config.run.device", "config.run.progress", "c
 _RESUME_FREE_TRAIN = ["steps", "ckpt_every", "log_every"]
 _OTHER_STAGES = {"teacher": ["config.pairs", "config.student", "config.teacher.solver", "config.teacher.steps",
                              "config.teacher.schedule", "teacher.solver", "teacher.steps", "teacher.schedule"],
-                 "student": ["config.teacher", "config.pairs"]}
+                 "student": ["config.teacher", "config.pairs", "pairs.path"]}
 
 
 def teacher_objective(tcfg: dict) -> Objective:

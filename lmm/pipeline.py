@@ -13,7 +13,6 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from lmm import dist
 from lmm.data.datasets import ImageData, TensorSource, load_dataset
@@ -27,6 +26,7 @@ from lmm.models import (
     student_objective,
     teacher_objective,
 )
+from lmm.progress import progress_bar
 from lmm.sampling import default_grid, sample_lines
 from lmm.solvers import expected_nfe
 from lmm.teachers import Teacher
@@ -36,6 +36,35 @@ from lmm.train import train
 
 def run_dir(cfg: dict) -> Path:
     return Path(cfg["run"]["dir"])
+
+
+# The config keys each stage's output depends on; record_config updates only these in RUN/config.json.
+STAGE_KEYS = {
+    "teacher": ["run", "data", "teacher"],
+    "pairs": ["pairs", "teacher.solver", "teacher.steps", "teacher.schedule"],
+    "student": ["student"],
+    "eval": ["eval"],
+}
+
+
+def record_config(cfg: dict, stage: str) -> None:
+    """Update RUN/config.json with the keys `stage` used (STAGE_KEYS), after it has succeeded, so that a refused
+    or failed stage leaves the record as it was and the file always describes the models in the folder. The
+    first stage to write it records the whole config."""
+    if not dist.is_main():
+        return
+    path = run_dir(cfg) / "config.json"
+    record = json.loads(path.read_text()) if path.is_file() else json.loads(json.dumps(cfg))
+    keys = STAGE_KEYS[stage]
+    if stage == "teacher":
+        keys = ["run", "data", *(f"teacher.{k}" for k in cfg["teacher"] if f"teacher.{k}" not in STAGE_KEYS["pairs"])]
+    for key in keys:
+        *parents, last = key.split(".")
+        src, dst = cfg, record
+        for part in parents:
+            src, dst = src[part], dst.setdefault(part, {})
+        dst[last] = src[last]
+    save_json(path, record)
 
 
 def load_data(cfg: dict) -> ImageData:
@@ -138,7 +167,7 @@ def train_student(cfg: dict, store: str | Path | None = None, teacher_path: str 
     shape, ncls = tuple(manifest["data_shape"]), manifest["num_classes"]
     model = build_model(objective, s["net"], shape, ncls)
     if s["init"] == "teacher":
-        _init_from_teacher(model, Path(teacher_path or manifest["teacher"]["path"]), s["net"])
+        _init_from_teacher(model, store_teacher(manifest, teacher_path, run_dir(cfg)), s["net"])
     elif s["init"] != "scratch":
         raise ValueError(f"student.init: unknown '{s['init']}'; valid: teacher, scratch")
     kw = _train_kwargs(cfg, s, device)
@@ -149,6 +178,23 @@ def train_student(cfg: dict, store: str | Path | None = None, teacher_path: str 
           **kw)
     dist.barrier()
     return out / "model.safetensors"
+
+
+def store_teacher(manifest: dict, teacher_path: str | Path | None, run: Path) -> Path:
+    """The teacher file that made a pair store, found by its sha256: `teacher_path` if given, else RUN/teacher,
+    else the path the store recorded. Raises ValueError when the file found is another teacher."""
+    want = manifest["teacher"]["sha256"]
+    candidates = [Path(teacher_path)] if teacher_path else [run / "teacher" / "model.safetensors",
+                                                             Path(manifest["teacher"].get("path", ""))]
+    found = [p for p in candidates if p.is_file()]
+    for path in found:
+        if file_sha256(path) == want:
+            return path
+    if not found:
+        raise FileNotFoundError(f"the pair store's teacher (sha256 {want[:12]}...) is not at "
+                                f"{' or '.join(map(str, candidates))}; pass --teacher FILE, or set student.init=scratch")
+    raise ValueError(f"{found[0]} is not the teacher that made the pair store (sha256 {file_sha256(found[0])[:12]}... "
+                     f"!= {want[:12]}...); pass --teacher with the right file, or set student.init=scratch")
 
 
 def _init_from_teacher(student: torch.nn.Module, teacher_path: Path, net_cfg: dict) -> None:
@@ -188,7 +234,7 @@ def sample(model: torch.nn.Module | Teacher, n: int, *, seed: int, batch_size: i
         grid = list(grid if grid is not None else default_grid(nfe or 1))
     mine, world = dist.shard(-(-n // batch_size)), dist.world_size()
     images, labels, used = [torch.empty(0, *shape)], [torch.empty(0, dtype=torch.long)], 0
-    bar = tqdm(total=n, desc="sample", unit="img", disable=not progress, leave=False)
+    bar = progress_bar(n, desc="sample", unit="img", enabled=progress, leave=False)
     for i, (z, y) in enumerate(noise_batches(n, batch_size, shape, ncls, seed)):
         if i not in mine:
             continue

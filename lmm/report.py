@@ -9,6 +9,7 @@ from typing import Any
 from lmm.config import flat_keys
 from lmm.io import atomic_write_text
 
+RUN_MARKERS = ("config.json", "metrics.json", "teacher", "pairs", "student")
 _STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}
 th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}.grids{display:flex;flex-wrap:wrap;gap:16px}
@@ -84,6 +85,8 @@ def build_report(run: str | Path, title: str | None = None) -> Path:
     run = Path(run)
     if not run.is_dir():
         raise FileNotFoundError(f"run folder not found: {run}")
+    if not any((run / name).exists() for name in RUN_MARKERS):
+        raise ValueError(f"{run} is not a run folder: it holds none of {', '.join(RUN_MARKERS)}")
     parts = [f"<h1>{html.escape(title or f'LMM run: {run.name}')}</h1>"]
     metrics = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").is_file() else {}
     rows = metrics.get("results", [])

@@ -18,6 +18,12 @@ def default_grid(nfe: int) -> list[float]:
     return [k / nfe for k in range(nfe)]
 
 
+def grid_for(nfe: int, trained: list[float] | tuple[float, ...] = ()) -> list[float]:
+    """The grid to sample a student at `nfe` steps: the grid it was trained on when that has `nfe` times, else
+    `default_grid(nfe)`."""
+    return [float(t) for t in trained] if len(trained) == nfe else default_grid(nfe)
+
+
 def check_grid(grid: list[float] | tuple[float, ...] | Tensor) -> list[float]:
     """Validate 0 = t_0 < t_1 < ... < t_{K-1} < 1 and return it as floats."""
     ts = [float(t) for t in (grid.tolist() if isinstance(grid, Tensor) else grid)]

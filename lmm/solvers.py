@@ -14,7 +14,8 @@ from typing import Callable
 
 import torch
 from torch import Tensor
-from tqdm import tqdm
+
+from lmm.progress import progress_bar
 
 VectorField = Callable[[Tensor, Tensor], Tensor]
 StepCallback = Callable[[int, Tensor, Tensor, Tensor], None]
@@ -55,6 +56,14 @@ def expected_nfe(method: str, steps: int, singular_end: bool = False) -> int:
     return nfe
 
 
+def steps_within(method: str, nfe: int, singular_end: bool = False) -> int:
+    """The most steps of `method` whose NFE (`expected_nfe`) is at most `nfe` (0 if none fits)."""
+    steps = 0
+    while expected_nfe(method, steps + 1, singular_end) <= nfe:
+        steps += 1
+    return steps
+
+
 def _check_grid(grid: Tensor) -> Tensor:
     grid = torch.as_tensor(grid, dtype=torch.float64).cpu()
     if grid.ndim != 1 or grid.numel() < 2:
@@ -91,7 +100,7 @@ def solve(
     x = x0
     nfe = 0
     trajectory = [x0] if return_trajectory else None
-    for k in tqdm(range(steps), disable=not progress, desc=f"{method} solver", leave=False):
+    for k in progress_bar(iterable=range(steps), desc=f"{method} solver", enabled=progress, leave=False):
         t0, t1 = grid[k], grid[k + 1]
         h = float(t1 - t0)
         d = f(x, t0)
@@ -156,7 +165,7 @@ def dpm_solver_2m(
     lam = [_log_snr(a, s) for a, s in zip(alpha, sigma)]
     x, prev, h_prev = x0, None, math.inf
     trajectory = [x0] if return_trajectory else None
-    for k in tqdm(range(steps), disable=not progress, desc="dpm++2m solver", leave=False):
+    for k in progress_bar(iterable=range(steps), desc="dpm++2m solver", enabled=progress, leave=False):
         d = denoise(x, grid[k])
         if callback is not None:
             callback(k, x, grid[k], d)

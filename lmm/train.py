@@ -18,15 +18,17 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from tqdm import tqdm
 
 from lmm.checkpoint import (
+    CorruptFileError,
     latest_checkpoint,
+    list_checkpoints,
     load_checkpoint,
     save_checkpoint,
     save_model,
 )
 from lmm.dist import all_reduce_mean, all_reduce_min, barrier, init_distributed
+from lmm.progress import progress_bar
 
 Objective = Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
 RESUME_IGNORE_KEY = "resume_ignore"
@@ -131,6 +133,15 @@ def _check_args(steps: int, batch_size: int, lr: float, warmup_steps: int, grad_
         raise ValueError(f"train: optimizer must be 'adamw' or 'adam', got {optimizer!r}")
 
 
+def _load_resume_checkpoint(ckpt: Path) -> tuple[dict, dict, dict]:
+    try:
+        return load_checkpoint(ckpt)
+    except CorruptFileError as err:
+        older = list_checkpoints(ckpt.parent.parent)[:-1]
+        fallback = f"resume from {older[-1].name}" if older else "start this stage over"
+        raise CorruptFileError(f"{err}. Delete {ckpt} to {fallback}") from None
+
+
 def _append_log(path: Path, record: dict[str, Any]) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
@@ -169,11 +180,15 @@ def train(model: nn.Module, objective: Objective, source: BatchSource, *, run_di
     start = 0
     ckpt = latest_checkpoint(run_dir)
     if ckpt is not None:
-        tensors, state, saved_meta = load_checkpoint(ckpt)
+        tensors, state, saved_meta = _load_resume_checkpoint(ckpt)
         differing = meta_differences(saved_meta, meta)
         if differing:
-            raise ValueError(f"cannot resume from {ckpt}: its meta differs from this run's in {', '.join(differing)} "
-                             f"(use another run_dir, or list keys to ignore in meta['{RESUME_IGNORE_KEY}'])")
+            flat_old, flat_new = _flatten(saved_meta), _flatten(meta)
+            changes = "; ".join(f"{k.removeprefix('config.')}: {flat_old.get(k, '<absent>')!r} -> {flat_new.get(k, '<absent>')!r}"
+                                for k in differing[:8])
+            more = f" (and {len(differing) - 8} more)" if len(differing) > 8 else ""
+            raise ValueError(f"cannot resume {run_dir}: it was trained with other settings ({changes}{more}). Set "
+                             f"them back to resume it, or train into another folder (run.dir=...)")
         start = int(state["step"])
         if (state.get("world"), state.get("batch_size")) != (world, batch_size):
             raise ValueError(f"cannot resume from {ckpt}: it was trained by {state.get('world')} process(es) x "
@@ -197,7 +212,8 @@ def train(model: nn.Module, objective: Objective, source: BatchSource, *, run_di
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
 
-    pbar = tqdm(total=steps, initial=start, disable=not (progress and main), desc=run_dir.name, dynamic_ncols=True)
+    pbar = progress_bar(steps, initial=start, enabled=progress and main, desc=f"train {run_dir.name}",
+                        dynamic_ncols=True)
     losses: list[torch.Tensor] = []
     norms: list[torch.Tensor] = []
     loss_sum, loss_count = 0.0, 0

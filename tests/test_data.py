@@ -73,7 +73,7 @@ def test_idx_bad_magic_and_size_name_the_file(tmp_path):
 
 
 def test_fashion_mnist_missing_files_say_how_to_get_them(tmp_path):
-    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist.*--data.root"):
+    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist.*data.root=DIR"):
         load_dataset("fashion_mnist", root=tmp_path / "nowhere")
 
 

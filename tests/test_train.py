@@ -17,6 +17,7 @@ from lmm.checkpoint import (
     load_model_file,
     save_checkpoint,
     save_model,
+    tensors_sha256,
 )
 from lmm.train import (
     derive_seed,
@@ -86,7 +87,7 @@ def test_loss_decreases_and_final_files(tmp_path: Path) -> None:
     assert log[-1]["loss"] < 0.3 * log[0]["loss"]
     assert all(r["samples_per_s"] > 0 and r["grad_norm"] > 0 for r in log)
     state, meta = load_model_file(tmp_path / "model.safetensors")
-    assert meta == {"config": {"lr": 1e-2}, "step": 120}
+    assert meta == {"config": {"lr": 1e-2}, "step": 120, "weights_sha256": tensors_sha256(state)}
     assert not ema.training and all(not p.requires_grad for p in ema.parameters())
     for k, v in ema.state_dict().items():
         assert torch.equal(state[k], v)
@@ -113,8 +114,9 @@ def test_resume_equals_uninterrupted_bitwise(tmp_path: Path) -> None:
 
 def test_resume_rejects_changed_meta_unless_ignored(tmp_path: Path) -> None:
     run(tmp_path, 4, meta={"config": {"lr": 1, "net": {"width": 16}}, "role": "student"})
-    with pytest.raises(ValueError, match=r"config\.lr, config\.net\.width"):
+    with pytest.raises(ValueError, match=r"other settings \(lr: 1 -> 2; net\.width: 16 -> 32\).*run\.dir=") as err:
         run(tmp_path, 6, meta={"config": {"lr": 2, "net": {"width": 32}}, "role": "student"})
+    assert "resume_ignore" not in str(err.value)
     run(tmp_path, 6, meta={"config": {"lr": 2, "net": {"width": 16}}, "role": "student",
                            "resume_ignore": ["config.lr"]})
     assert latest_checkpoint(tmp_path).name == "step-00000006"
@@ -267,10 +269,10 @@ def test_model_file_roundtrip_tied_and_errors(tmp_path: Path) -> None:
     path = save_model(tmp_path / "model", sd, {"format": "x", "step": 3})
     assert path == tmp_path / "model.safetensors" and (tmp_path / "model.json").is_file()
     state, meta = load_model_file(tmp_path / "model")
-    assert meta == {"format": "x", "step": 3}
+    assert meta == {"format": "x", "step": 3, "weights_sha256": tensors_sha256(sd)}
     assert all(torch.equal(state[k], v) for k, v in sd.items())
     (tmp_path / "model.json").unlink()
-    assert load_model_file(path)[1] == {"format": "x", "step": 3}
+    assert load_model_file(path)[1] == meta
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "absent.safetensors")):
         load_model_file(tmp_path / "absent.safetensors")
     path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{broken")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -27,11 +28,6 @@ def _config(args: argparse.Namespace) -> dict:
     return cfg
 
 
-def _save_config(cfg: dict) -> None:
-    if dist.is_main():
-        save_json(Path(cfg["run"]["dir"]) / "config.json", cfg)
-
-
 def _stage(cfg: dict, name: str):
     """Time a stage into RUN_DIR/timings.json (the report's time per stage), as `lmm demo` does."""
     from lmm.pipeline import Timer
@@ -48,9 +44,9 @@ def cmd_teacher_train(args: argparse.Namespace) -> None:
     from lmm import pipeline
 
     cfg = _config(args)
-    _save_config(cfg)
     with _stage(cfg, "train teacher"):
         path = pipeline.train_teacher(cfg)
+    pipeline.record_config(cfg, "teacher")
     print(path)
 
 
@@ -58,9 +54,9 @@ def cmd_pairs(args: argparse.Namespace) -> None:
     from lmm import pipeline
 
     cfg = _config(args)
-    _save_config(cfg)
     with _stage(cfg, "generate pairs"):
         path = pipeline.generate_pairs(cfg, teacher_path=args.teacher, store=args.out)
+    pipeline.record_config(cfg, "pairs")
     print(path)
 
 
@@ -68,10 +64,59 @@ def cmd_train(args: argparse.Namespace) -> None:
     from lmm import pipeline
 
     cfg = _config(args)
-    _save_config(cfg)
     with _stage(cfg, "train student"):
         path = pipeline.train_student(cfg, store=args.pairs, teacher_path=args.teacher)
+    pipeline.record_config(cfg, "student")
     print(path)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _nfe_list(text: str) -> list[int]:
+    return [_positive_int(k) for k in text.split(",")]
+
+
+def _grid_arg(text: str) -> list[float]:
+    from lmm.sampling import check_grid
+
+    try:
+        return check_grid([float(t) for t in text.split(",")])
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"{text!r}: {err}") from None
+
+
+def _sampler(args: argparse.Namespace, meta: dict, singular_end: bool) -> dict:
+    """The sampler `lmm sample` runs, from its flags and the model file; contradicting flags are an error."""
+    from lmm.sampling import grid_for
+    from lmm.solvers import expected_nfe, steps_within
+
+    if meta["role"] != "teacher":
+        if args.solver or args.steps or args.schedule:
+            raise ValueError("--solver/--steps/--schedule apply to teachers; students take --nfe, --grid and --mode")
+        if args.grid is not None and args.nfe is not None and len(args.grid) != args.nfe:
+            raise ValueError(f"--nfe {args.nfe} contradicts --grid {','.join(map(str, args.grid))} "
+                             f"({len(args.grid)} steps): give one, or both agreeing")
+        grid = args.grid or grid_for(args.nfe or 1, meta["objective_kwargs"]["grid"])
+        return {"solver": "lines", "grid": grid, "mode": args.mode or "line"}
+    if args.grid is not None or args.mode is not None:
+        raise ValueError("--grid and --mode apply to students; teachers take --solver, --steps or --nfe, --schedule")
+    if args.nfe is not None and args.steps is not None:
+        raise ValueError("give a teacher --steps or --nfe, not both (--nfe takes the most steps that fit in it)")
+    t = meta["teacher"]
+    solver, steps = args.solver or t["solver"], args.steps or t["steps"]
+    if args.nfe is not None:
+        steps = steps_within(solver, args.nfe, singular_end)
+        if steps == 0:
+            raise ValueError(f"--nfe {args.nfe}: solver {solver} needs at least {expected_nfe(solver, 1, singular_end)}")
+    return {"solver": solver, "steps": steps, "schedule": args.schedule or t.get("schedule", "edm")}
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
@@ -80,33 +125,35 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
     device = dist.init_distributed(args.device).device
     model, meta = load_model(args.model, device)
-    grid = [float(g) for g in args.grid.split(",")] if args.grid else None
-    schedule = "edm"
-    if meta["role"] == "teacher":
-        solver = args.solver or meta["teacher"]["solver"]
-        steps = args.steps or (args.nfe if args.nfe else meta["teacher"]["steps"])
-        schedule = args.schedule or meta["teacher"].get("schedule", "edm")
-    elif args.solver or args.steps or args.schedule:
-        raise SystemExit("--solver/--steps/--schedule apply to teachers; students take --nfe, --grid and --mode")
-    else:
-        solver, steps = "lines", None
+    how = _sampler(args, meta, getattr(model, "singular_end", False))
     bf16 = dist.resolve_bf16(True if args.bf16 == "on" else False if args.bf16 == "off" else "auto", device)
-    result = pipeline.sample(model, args.n, seed=args.seed, batch_size=args.batch_size, nfe=args.nfe, grid=grid,
-                             mode=args.mode, solver=solver, steps=steps, schedule=schedule, bf16=bf16, device=device,
-                             progress=dist.is_main())
+    result = pipeline.sample(model, args.n, seed=args.seed, batch_size=args.batch_size, bf16=bf16, device=device,
+                             progress=dist.is_main(), **how)
     if dist.is_main():
         path = pipeline.save_samples(result, args.out)
         print(f"{path}: {args.n} samples, NFE {result['nfe']}")
 
 
+_OVERRIDE = re.compile(r"[A-Za-z_]\w*(\.\w+)+=")
+
+
+def _overrides_among_files(args: argparse.Namespace, name: str) -> None:
+    """Move KEY=VALUE items that a greedy list option (e.g. --samples a.npz b.npz) took to args.overrides."""
+    items = getattr(args, name)
+    keep = [p for p in items if not (_OVERRIDE.match(str(p)) and not Path(p).exists())]
+    args.overrides = [*args.overrides, *(str(p) for p in items if p not in keep)]
+    setattr(args, name, keep)
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
     from lmm.evaluate import evaluate_inputs
 
+    _overrides_among_files(args, "samples")
+
     if not args.samples and args.model is None:
         raise ValueError("lmm eval needs --samples FILE.npz and/or --model PATH")
-    nfes = [int(k) for k in args.nfe.split(",")]
-    metrics = evaluate_inputs(_config(args), samples=args.samples, model=args.model, nfes=nfes, cache=args.ref_cache,
-                              ref_file=args.ref)
+    metrics = evaluate_inputs(_config(args), samples=args.samples, model=args.model, nfes=args.nfe,
+                              cache=args.ref_cache, ref_file=args.ref)
     if dist.is_main():
         from lmm.io import atomic_write_text
         from lmm.report import nfe_plot
@@ -178,20 +225,23 @@ def build_parser() -> argparse.ArgumentParser:
                                    "and a PNG grid beside it.")
     p.add_argument("--model", type=Path, required=True, help="model.safetensors (teacher or student) or its run folder")
     p.add_argument("--out", type=Path, required=True, help="output .npz path")
-    p.add_argument("-n", type=int, default=64, help="number of samples (default 64)")
+    p.add_argument("-n", type=_positive_int, default=64, help="number of samples (default 64)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
-    p.add_argument("--nfe", type=int, default=None,
-                   help="student: number of steps (default 1); teacher: solver steps if --steps is not given")
-    p.add_argument("--grid", default=None, help="student time grid, comma separated, e.g. 0,0.5 (default for NFE)")
-    p.add_argument("--mode", choices=["line", "restart"], default="line",
+    p.add_argument("--nfe", type=_positive_int, default=None,
+                   help="network calls. Student: its steps (default 1; the grid it was trained on when that has NFE "
+                        "times, else the default grid); teacher: the most solver steps that fit in NFE calls")
+    p.add_argument("--grid", type=_grid_arg, default=None,
+                   help="student time grid 0 = t_0 < ... < t_(K-1) < 1, comma separated, e.g. 0,0.5 (default: see --nfe)")
+    p.add_argument("--mode", choices=["line", "restart"], default=None,
                    help="student: step along the line (default) or restart from fresh noise each step")
     p.add_argument("--solver", choices=list(METHODS), default=None,
                    help="teacher ODE solver (default: the teacher's own)")
-    p.add_argument("--steps", type=int, default=None, help="teacher solver steps (default: the teacher's own)")
+    p.add_argument("--steps", type=_positive_int, default=None,
+                   help="teacher solver steps (default: the teacher's own); not with --nfe")
     p.add_argument("--schedule", choices=list(SCHEDULES), default=None,
                    help="teacher time grid: edm (EDM's, last call at sigma_min) or trimmed (that call moved to where "
                         "it changes the sample; better at few steps) (default: the teacher's own)")
-    p.add_argument("--batch-size", type=int, default=500, help="samples per batch (default 500)")
+    p.add_argument("--batch-size", type=_positive_int, default=500, help="samples per batch (default 500)")
     p.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
                    help="bf16 autocast: auto = on for GPUs and CPUs with native bf16 (AVX-512 BF16, AMX) (default auto)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
@@ -204,9 +254,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "own grid or the default grid), against data.* "
                                    "(data.split picks train or test).", epilog=CONFIG_HELP, formatter_class=fmt)
     _add_config_args(p)
-    p.add_argument("--samples", type=Path, nargs="*", default=[], help=".npz files from lmm sample (key 'images')")
+    p.add_argument("--samples", type=Path, nargs="*", default=[],
+                   help=".npz files from lmm sample (key 'images'); KEY=VALUE overrides may follow them")
     p.add_argument("--model", type=Path, default=None, help="teacher or student model file or run folder")
-    p.add_argument("--nfe", default="1,2", help="comma-separated NFE list for --model (default 1,2)")
+    p.add_argument("--nfe", type=_nfe_list, default=[1, 2], help="comma-separated NFE list for --model (default 1,2)")
     p.add_argument("--ref", type=Path, default=None,
                    help="score against this reference statistics file alone (from --ref-cache or a run's "
                         "reference-*.npz), without reading the dataset; refused if made by another network")

@@ -90,7 +90,7 @@ def _idx_file(root: Path, stem: str) -> Path:
     raise FileNotFoundError(
         f"Fashion-MNIST file {root / (stem + '.gz')} not found. Install it with "
         f"`apt-get install dataset-fashion-mnist` (files go to {FASHION_MNIST_ROOT}) "
-        f"or pass the directory holding the idx files with --data.root"
+        f"or set data.root=DIR to the directory holding the idx files"
     )
 
 
@@ -169,13 +169,13 @@ def load_image_folder(
     """
     from PIL import Image, UnidentifiedImageError
 
-    if channels not in (1, 3):
-        raise ValueError(f"image_folder channels={channels}; valid: 1 (grey) or 3 (rgb)")
-    if resolution <= 0:
-        raise ValueError(f"image_folder resolution={resolution}; must be positive")
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"image folder {root} does not exist (set --data.root)")
+        raise FileNotFoundError(f"image folder {root} (data.root) does not exist")
+    if channels not in (1, 3):
+        raise ValueError(f"image_folder channels={channels} (data.channels); valid: 1 (grey) or 3 (rgb)")
+    if resolution <= 0:
+        raise ValueError(f"image_folder needs data.resolution=N (the side images are resized to), got {resolution}")
     files = sorted(
         p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
     )
@@ -226,7 +226,7 @@ _LOADERS: dict[str, Callable[..., ImageData]] = {
 
 def _require_root(root: str | Path | None) -> str | Path:
     if root is None:
-        raise ValueError("dataset image_folder needs a directory: pass root (--data.root)")
+        raise ValueError("dataset image_folder needs a directory: set data.root=DIR")
     return root
 
 

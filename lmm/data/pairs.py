@@ -22,9 +22,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
-from tqdm import tqdm
 
 from lmm.io import atomic_path, file_sha256, save_json, temp_files
+from lmm.progress import Progress, progress_bar
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -70,6 +70,15 @@ def _first_diff(old: Any, new: Any, path: str = "") -> tuple[str, Any, Any] | No
                 return d
         return None
     return None if old == new else (path, old, new)
+
+
+def _identity(header: dict) -> dict:
+    """The header without where things were (meta["teacher"]["path"]): a store copied or moved with its run
+    folder still belongs to the same teacher, which meta["teacher"]["sha256"] identifies."""
+    out = json.loads(json.dumps(header))
+    if isinstance(out.get("teacher"), dict):
+        out["teacher"].pop("path", None)
+    return out
 
 
 def _header_of(manifest: dict) -> dict:
@@ -189,7 +198,9 @@ def make_pairs(
     manifest = None
     if manifest_path.exists():
         manifest = _read_json(manifest_path)
-        diff = _first_diff(_header_of(manifest), header)
+        stored = _header_of(manifest)
+        diff = _first_diff(_identity(stored), _identity(header))
+        header = stored
         if diff:
             name, old, new = diff
             raise ValueError(
@@ -219,11 +230,11 @@ def make_pairs(
         else:
             raise ValueError(f"{problem}; rerun with pairs.repair=true (make_pairs(repair=True)) to regenerate it")
 
-    bar = tqdm(
-        total=sum(_shard_len(header, k) for k in report.generated),
-        disable=not progress or rank != 0,
+    bar = progress_bar(
+        sum(_shard_len(header, k) for k in report.generated),
+        enabled=progress and rank == 0,
         unit="pair",
-        desc=f"pairs {store.name}",
+        desc="pairs" if store.name == "pairs" else f"pairs[{store.name}]",
     )
     with bar:
         for k in report.generated:
@@ -245,7 +256,7 @@ def _make_shard(
     meta_sha: str,
     batch_size: int,
     device: str | torch.device,
-    bar: tqdm,
+    bar: Progress,
 ) -> dict:
     n = _shard_len(header, index)
     seed = shard_seed(header["seed"], index)

