@@ -152,6 +152,9 @@ def save_checkpoint(run_dir: str | Path, step: int, tensors: dict[str, dict[str,
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(".tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
+    for half_deleted in root.glob("step-*"):
+        if half_deleted.is_dir() and not (half_deleted / "meta.json").is_file():
+            shutil.rmtree(half_deleted, ignore_errors=True)
     files: dict[str, bytes] = {}
     for name, sd in tensors.items():
         if not _NAME.fullmatch(name) or name == "state":
@@ -180,7 +183,9 @@ def save_checkpoint(run_dir: str | Path, step: int, tensors: dict[str, dict[str,
         os.rename(tmp, final)
     _fsync_dir(root)
     for stale in list_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(stale)
+        doomed = root / f".tmp-del-{stale.name}-{os.getpid()}"
+        os.rename(stale, doomed)
+        shutil.rmtree(doomed)
     return final
 
 
@@ -234,6 +239,17 @@ def save_model(path: str | Path, state_dict: dict[str, torch.Tensor], meta: dict
     return weights
 
 
+def model_file_intact(path: str | Path) -> bool:
+    """Whether `X.safetensors` + `X.json` exist and load with their digest and meta consistent."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            load_model_file(path)
+        return True
+    except (CorruptFileError, FileNotFoundError):
+        return False
+
+
 def _embedded_meta(path: Path, data: bytes) -> dict[str, Any] | None:
     try:
         header = json.loads(data[8: 8 + int.from_bytes(data[:8], "little")])
@@ -259,7 +275,8 @@ def load_model_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         if embedded is not None and embedded != meta:
             raise CorruptFileError(
                 f"{meta_path} does not belong to {weights}: it differs from the meta embedded in the weights (a "
-                f"damaged file, or JSON files swapped between models). Delete {meta_path} to use the embedded meta")
+                "damaged file, JSON files swapped between models, or a write cut short). Rerun the command that "
+                f"trained it to rewrite both from its checkpoint, or delete {meta_path.name} to use the embedded meta")
     elif embedded is None:
         raise FileNotFoundError(f"missing file: {meta_path} (and {weights} has no embedded meta)")
     else:
@@ -272,8 +289,7 @@ def load_model_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
                       stacklevel=2)
     elif tensors_sha256(state_dict) != recorded:
         raise CorruptFileError(
-            f"{weights} is damaged: its tensors do not match the {DIGEST_KEY} recorded with it. To recover, restore "
-            f"it from a copy, or delete {weights.name} and {meta_path.name} and rerun the command that trained it "
-            "with the same config: it rewrites them from the run's last checkpoint (checkpoints/step-*), or "
-            "retrains when there is none")
+            f"{weights} is damaged: its tensors do not match the {DIGEST_KEY} recorded with it. To recover, rerun "
+            "the command that trained it with the same config (it rewrites a damaged model from the run's final "
+            "checkpoint, or resumes training from the last one), or restore it from a copy")
     return state_dict, meta

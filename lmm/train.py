@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -24,6 +25,7 @@ from lmm.checkpoint import (
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
+    model_file_intact,
     save_checkpoint,
     save_model,
 )
@@ -161,7 +163,8 @@ def train(model: nn.Module, objective: Objective, source: BatchSource, *, run_di
     `ema_beta`). grad_clip 0 disables clipping. A checkpoint resumes only with the world size and per-rank
     batch it was written with (the data stream, the per-rank randomness and the EMA depend on both).
     Returns the EMA model (the model's dtype, eval mode); rank 0 also writes run_dir/model.safetensors + model.json (left
-    as they are when a finished run is called again, so that files made from the model stay valid).
+    as they are when a finished run is called again, so that files made from the model stay valid, unless they
+    are missing, damaged or disagree with each other: then they are rewritten from the final checkpoint).
     Raises FloatingPointError on a non-finite loss (no checkpoint is written for or after that step).
     """
     _check_args(steps, batch_size, lr, warmup_steps, grad_clip, ckpt_every, log_every, optimizer)
@@ -289,7 +292,9 @@ def train(model: nn.Module, objective: Objective, source: BatchSource, *, run_di
         window_t, window_steps = time.perf_counter(), 0
     pbar.close()
 
-    if main and (start < steps or not (run_dir / "model.safetensors").is_file()):
+    if main and (start < steps or not model_file_intact(run_dir / "model")):
+        if start == steps and (run_dir / "model.safetensors").is_file():
+            print(f"{run_dir / 'model.safetensors'}: damaged or cut short; rewritten from {ckpt}", file=sys.stderr)
         save_model(run_dir / "model", ema.module.state_dict(), {**meta, "step": steps})
     barrier()
     return ema.module

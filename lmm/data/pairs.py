@@ -210,6 +210,9 @@ def make_pairs(
     meta_sha = hashlib.sha256(_canonical(header).encode()).hexdigest()
     n_shards = _n_shards(header)
     records = _collect_records(store, manifest, meta_sha, n_shards)
+    if rank == 0:
+        for tmp in temp_files(manifest_path):
+            tmp.unlink(missing_ok=True)
     if manifest is None:
         save_json(manifest_path, {**header, "n_shards": n_shards, "shards": []})
 
