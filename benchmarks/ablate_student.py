@@ -30,7 +30,7 @@ VARIANTS: dict[str, list[str]] = {
     "default": [],
     "t uniform": ["student.time_sampling=uniform"],
     "t logit-normal": ["student.time_sampling=logit_normal"],
-    "pseudo-Huber": ["student.distance=pseudo_huber"],
+    "pseudo-Huber": ["student.loss={pseudo_huber=1.0}"],
     "no precond": ["student.precond=none"],
     "precond lines (previous default)": ["student.precond=lines"],
     "init scratch": ["student.init=scratch"],

@@ -1,8 +1,9 @@
 """Run configuration: one nested dict per run, read from a TOML preset and `key.sub=value` overrides.
 
 Every valid key and its default is in `DEFAULTS`; a preset or an override that names any other key is
-an error that lists the valid ones. Tables named `net` are replaced whole by a preset and updated key by
-key by overrides; their keys depend on the network kind and are checked by `lmm.nets.build_net`.
+an error that lists the valid ones. Tables named `net` and `loss` are replaced whole by a preset or by an
+override of the whole table (`student.loss={l2=1.0,perceptual=0.5}`) and updated key by key by a dotted
+override (`student.loss.perceptual=0.5`); their keys are checked by `lmm.nets.build_net` and `lmm.losses`.
 """
 from __future__ import annotations
 
@@ -76,7 +77,10 @@ DEFAULTS: dict[str, Any] = {
     },
     "student": {
         "init": "teacher",
-        "distance": "l2",
+        "loss": {"l2": 1.0},
+        "perceptual": {"network": "efficientnet", "resolution": 64},
+        "adversarial": {"start": 0, "lr": 2e-4, "interval": 1, "r1": 0.0,
+                        "augment": ["translation", "cutout", "color"], "resolution": 64, "width": 64, "seed": 0},
         "time_sampling": "grid",
         "grid": [0.0, 0.5],
         "weighting": "none",
@@ -114,7 +118,7 @@ _AT_LEAST: dict[str, float] = {
 }
 _POSITIVE_LISTS = ("eval.teacher_nfe", "eval.student_nfe")
 _CHOICES = {"eval.split": ("", "train", "test"), "data.split": ("train", "test")}
-REPLACED_WHOLE = {"net"}
+REPLACED_WHOLE = {"net", "loss"}
 BOOL_OR_AUTO = {"run.bf16"}
 
 
@@ -195,7 +199,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> di
             raise ConfigError(f"{path}: not valid TOML: {err}") from err
         _merge(cfg, data, "", str(path), preset=True)
     for text in overrides:
-        _merge(cfg, parse_override(text), "", f"override '{text}'", preset=False)
+        whole = text.split("=", 1)[0].strip().rsplit(".", 1)[-1] in REPLACED_WHOLE
+        _merge(cfg, parse_override(text), "", f"override '{text}'", preset=whole)
     check_values(cfg)
     return cfg
 

@@ -52,7 +52,8 @@ def student_objective(scfg: dict, tcfg: dict) -> Objective:
         sigma_data = tcfg["sigma_data"] if precond == "edm" else sigma_data
     return get_objective(
         "lines",
-        distance=scfg["distance"],
+        loss=scfg["loss"],
+        loss_options={k: scfg[k] for k in scfg["loss"] if isinstance(scfg.get(k), dict)},
         time_sampling=scfg["time_sampling"],
         grid=tuple(scfg["grid"]),
         weighting=scfg["weighting"],

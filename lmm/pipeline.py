@@ -166,6 +166,7 @@ def train_student(cfg: dict, store: str | Path | None = None, teacher_path: str 
     objective = student_objective(s, manifest["teacher"]["config"])
     shape, ncls = tuple(manifest["data_shape"]), manifest["num_classes"]
     model = build_model(objective, s["net"], shape, ncls)
+    objective.setup(shape, ncls, reals=real_source(cfg, shape, ncls) if "adversarial" in objective.loss else None)
     if s["init"] == "teacher":
         _init_from_teacher(model, store_teacher(manifest, teacher_path, run_dir(cfg)), s["net"])
     elif s["init"] != "scratch":
@@ -178,6 +179,17 @@ def train_student(cfg: dict, store: str | Path | None = None, teacher_path: str 
           **kw)
     dist.barrier()
     return out / "model.safetensors"
+
+
+def real_source(cfg: dict, shape: tuple[int, ...], ncls: int) -> TensorSource:
+    """Dataset images {"x", "y" when conditional} as a BatchSource (seed run.seed + 1), for loss terms that compare
+    with real data; refused when the dataset's shape or classes differ from the pair store's."""
+    data = load_data(cfg)
+    if tuple(data.x.shape[1:]) != tuple(shape) or (ncls and data.num_classes != ncls):
+        raise ValueError(f"data.* ({data.name}: {tuple(data.x.shape[1:])}, {data.num_classes} classes) is not the "
+                         f"data of the pair store ({tuple(shape)}, {ncls} classes)")
+    tensors = {"x": data.x} if ncls == 0 else {"x": data.x, "y": data.y}
+    return TensorSource(tensors, seed=cfg["run"]["seed"] + 1)
 
 
 def store_teacher(manifest: dict, teacher_path: str | Path | None, run: Path) -> Path:

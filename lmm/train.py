@@ -12,6 +12,7 @@ import hashlib
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
@@ -32,7 +33,7 @@ from lmm.checkpoint import (
 from lmm.dist import all_reduce_mean, all_reduce_min, barrier, init_distributed
 from lmm.progress import progress_bar
 
-Objective = Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
+Objective = Callable[..., torch.Tensor]
 RESUME_IGNORE_KEY = "resume_ignore"
 _NO_BAD_STEP = 2**62
 
@@ -110,17 +111,40 @@ def _json_roundtrip(meta: dict[str, Any]) -> dict[str, Any]:
         raise TypeError(f"train(meta=...) must be JSON-serialisable: {e}") from None
 
 
+@dataclass
+class Phase:
+    """An optimisation phase that trains a network besides the model (e.g. a discriminator), run after the model's
+    own phase at every `interval`-th step from `start` on, with its own Adam(lr, betas) and the loop's clipping.
+
+    loss(net, batch, step, rank, world) -> per-sample loss (B,), computed through `net` (the loop hands it
+    the bare network; under torchrun the phase is wrapped in DDP). The network is checkpointed as
+    `phase-<name>` and its optimizer with it; it has requires_grad only during its own phase.
+    """
+
+    name: str
+    net: nn.Module
+    loss: Callable[..., torch.Tensor]
+    lr: float
+    betas: tuple[float, float] = (0.0, 0.99)
+    interval: int = 1
+    start: int = 0
+
+    def due(self, step: int) -> bool:
+        return step >= self.start and (step - self.start) % self.interval == 0
+
+
 class _Step(nn.Module):
-    """forward(batch) = objective(model, batch): lets DDP see one forward per step while the objective
-    gets the bare model (with all its attributes and methods)."""
+    """forward(batch, step) = loss(net, batch, step, ...): lets DDP see one forward per phase and step while the
+    loss gets the bare network (with all its attributes and methods)."""
 
-    def __init__(self, model: nn.Module, objective: Objective):
+    def __init__(self, net: nn.Module, loss: Callable[..., torch.Tensor], *extra: int):
         super().__init__()
-        self.model = model
-        self.__dict__["objective"] = objective
+        self.net = net
+        self.__dict__["loss"] = loss
+        self.extra = extra
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.objective(self.model, batch)
+    def forward(self, batch: dict[str, torch.Tensor], step: int) -> torch.Tensor:
+        return self.loss(self.net, batch, step, *self.extra)
 
 
 def _check_args(steps: int, batch_size: int, lr: float, warmup_steps: int, grad_clip: float,
@@ -144,6 +168,23 @@ def _load_resume_checkpoint(ckpt: Path) -> tuple[dict, dict, dict]:
         raise CorruptFileError(f"{err}. Delete {ckpt} to {fallback}") from None
 
 
+def _phase_step(p: Phase, step_module: nn.Module, opt: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
+                step: int, dev: torch.device, bf16: bool, grad_clip: float) -> torch.Tensor:
+    """One optimizer step of phase p (its network trainable only meanwhile); returns the detached mean loss."""
+    p.net.requires_grad_(True)
+    try:
+        with torch.autocast(dev.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+            loss = step_module(batch, step).float().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip > 0:
+            nn.utils.clip_grad_norm_([q for q in p.net.parameters() if q.grad is not None], grad_clip, foreach=True)
+        opt.step()
+    finally:
+        p.net.requires_grad_(False)
+    return loss.detach()
+
+
 def _append_log(path: Path, record: dict[str, Any]) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
@@ -157,7 +198,8 @@ def train(model: nn.Module, objective: Objective, source: BatchSource, *, run_di
           ema_rampup: float = 0.25) -> nn.Module:
     """Train `model` in place for `steps` optimizer steps in total (resuming from run_dir's latest checkpoint).
 
-    objective(model, batch) -> per-sample loss (batch_size,); the step loss is its mean. batch_size is per
+    objective(model, batch, step) -> per-sample loss (batch_size,); the step loss is its mean. An objective that is
+    an nn.Module moves to the device; its `phases()` (see Phase) run after the model's step. batch_size is per
     rank; the EMA (torch.optim.swa_utils.AveragedModel, first set to the weights after step 1) has a halflife
     in samples of the global batch, ramped up as min(ema_halflife, ema_rampup * samples seen) (see
     `ema_beta`). grad_clip 0 disables clipping. A checkpoint resumes only with the world size and per-rank
@@ -174,11 +216,18 @@ def train(model: nn.Module, objective: Objective, source: BatchSource, *, run_di
     meta = _json_roundtrip(meta)
 
     model.to(dev)
+    if isinstance(objective, nn.Module):
+        objective.to(dev)
     params = [p for p in model.parameters() if p.requires_grad]
     opt_cls = torch.optim.AdamW if optimizer == "adamw" else torch.optim.Adam
     opt = opt_cls(params, lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay)
     decay = _EMADecay()
     ema = AveragedModel(model, multi_avg_fn=decay).requires_grad_(False).eval()
+    phases: list[Phase] = list(getattr(objective, "phases", list)())
+    if len({p.name for p in phases}) != len(phases):
+        raise ValueError(f"train: phase names must be unique, got {[p.name for p in phases]}")
+    phase_opts = {p.name: torch.optim.Adam([q for q in p.net.parameters() if q.requires_grad], lr=p.lr,
+                                           betas=p.betas) for p in phases}
 
     start = 0
     ckpt = latest_checkpoint(run_dir)
@@ -203,10 +252,19 @@ def train(model: nn.Module, objective: Objective, source: BatchSource, *, run_di
         model.load_state_dict(tensors["model"])
         ema.load_state_dict(tensors["ema"])
         opt.load_state_dict(state["optimizer"])
+        for p in phases:
+            p.net.load_state_dict(tensors[f"phase-{p.name}"])
+            phase_opts[p.name].load_state_dict(state["phase_optimizers"][p.name])
 
-    step_module: nn.Module = _Step(model, objective)
-    if world > 1:
-        step_module = DistributedDataParallel(step_module, device_ids=[dev.index] if dev.type == "cuda" else None)
+    def wrap(step_module: nn.Module) -> nn.Module:
+        if world == 1:
+            return step_module
+        return DistributedDataParallel(step_module, device_ids=[dev.index] if dev.type == "cuda" else None)
+
+    step_module = wrap(_Step(model, objective))
+    phase_steps = {p.name: wrap(_Step(p.net, p.loss, rank, world)) for p in phases}
+    for p in phases:
+        p.net.requires_grad_(False)
 
     samples_per_step = batch_size * world
     ema_beta(samples_per_step, ema_halflife, ema_rampup)
@@ -218,6 +276,7 @@ def train(model: nn.Module, objective: Objective, source: BatchSource, *, run_di
     pbar = progress_bar(steps, initial=start, enabled=progress and main, desc=f"train {run_dir.name}",
                         dynamic_ncols=True)
     losses: list[torch.Tensor] = []
+    phase_losses: dict[str, list[torch.Tensor]] = {}
     norms: list[torch.Tensor] = []
     loss_sum, loss_count = 0.0, 0
     norm_sum, norm_count = 0.0, 0
@@ -233,7 +292,7 @@ def train(model: nn.Module, objective: Objective, source: BatchSource, *, run_di
         for group in opt.param_groups:
             group["lr"] = lr_now
         with torch.autocast(dev.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
-            per_sample = step_module(batch)
+            per_sample = step_module(batch, step)
         if per_sample.shape != (batch_size,):
             raise ValueError(f"objective must return a per-sample loss of shape ({batch_size},), "
                              f"got {tuple(per_sample.shape)}")
@@ -246,6 +305,10 @@ def train(model: nn.Module, objective: Objective, source: BatchSource, *, run_di
         decay.beta = ema_beta(samples_per_step, ema_halflife, ema_rampup, step * samples_per_step)
         ema.update_parameters(model)
         losses.append(loss.detach())
+        for p in phases:
+            if p.due(step):
+                phase_losses.setdefault(p.name, []).append(
+                    _phase_step(p, phase_steps[p.name], phase_opts[p.name], batch, step, dev, bf16, grad_clip))
         window_steps += 1
         pbar.update(1)
 
@@ -257,7 +320,10 @@ def train(model: nn.Module, objective: Objective, source: BatchSource, *, run_di
         values = torch.stack(losses)
         first = done - len(losses) + 1
         step_numbers = torch.arange(first, done + 1, device=values.device)
-        bad = torch.where(torch.isfinite(values), _NO_BAD_STEP, step_numbers).min()
+        finite = torch.isfinite(values)
+        for name, vals in phase_losses.items():
+            finite = finite & torch.isfinite(torch.stack(vals).sum())
+        bad = torch.where(finite, _NO_BAD_STEP, step_numbers).min()
         bad_step = int(all_reduce_min(bad).item())
         if bad_step != _NO_BAD_STEP:
             pbar.close()
@@ -281,14 +347,20 @@ def train(model: nn.Module, objective: Objective, source: BatchSource, *, run_di
                       "time": now - t_begin}
             if norm_count:
                 record["grad_norm"] = norm_sum / norm_count
+            for name, vals in phase_losses.items():
+                record[f"{name}_loss"] = float(all_reduce_mean(torch.stack(vals).mean()).item())
+            phase_losses.clear()
             if main:
                 _append_log(log_path, record)
                 pbar.set_postfix(loss=f"{record['loss']:.4g}", samples_s=f"{record['samples_per_s']:.0f}")
             loss_sum, loss_count, norm_sum, norm_count = 0.0, 0, 0.0, 0
         if do_ckpt and main:
-            save_checkpoint(run_dir, done, {"model": model.state_dict(), "ema": ema.state_dict()},
+            save_checkpoint(run_dir, done, {"model": model.state_dict(), "ema": ema.state_dict(),
+                                            **{f"phase-{p.name}": p.net.state_dict() for p in phases}},
                             {"optimizer": opt.state_dict(), "step": done, "seed": seed, "world": world,
-                             "batch_size": batch_size}, meta, keep=keep)
+                             "batch_size": batch_size,
+                             "phase_optimizers": {name: o.state_dict() for name, o in phase_opts.items()}},
+                            meta, keep=keep)
         window_t, window_steps = time.perf_counter(), 0
     pbar.close()
 

@@ -35,7 +35,7 @@ SCRIPT = textwrap.dedent('''
             return self.net(x)
 
 
-    def objective(model, batch):
+    def objective(model, batch, step):
         return ((model(batch["x"]) - batch["y"]) ** 2).mean(dim=1)
 
 

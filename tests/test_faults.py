@@ -236,7 +236,7 @@ def test_overrides_may_follow_sample_files(made, tmp_path, capsys):
 
 @pytest.mark.parametrize("stage,override", [
     (["teacher", "train"], "teacher.train.lr=0.01"),
-    (["train"], "student.distance=pseudo_huber"),
+    (["train"], "student.loss={pseudo_huber=1.0}"),
     (["pairs"], "pairs.seed=7"),
 ])
 def test_refused_stage_leaves_the_folder_as_it_was(run, capsys, stage, override):

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from lmm.losses import get_distance, l2, pseudo_huber
+from lmm.losses import LOSSES, check_loss, l2, pseudo_huber, pseudo_huber_c
 from lmm.nets.precond import EDMDenoiser, LinesModel, VelocityModel, lines_coefficients
 from lmm.objectives import OBJECTIVES, EDMLoss, FlowMatching, Lines, get_objective
 
@@ -124,17 +124,30 @@ def test_velocity_model_time_label():
         VelocityModel(rec)(torch.zeros(2, *SHAPE), torch.zeros(3))
 
 
-def test_distances():
+def test_distances_and_loss_tables():
     a, b = _rand(4, *SHAPE), _rand(4, *SHAPE, seed=1)
     torch.testing.assert_close(l2(a, b), ((a - b) ** 2).mean((1, 2, 3)))
     dim = math.prod(SHAPE)
     c = 0.00054 * math.sqrt(dim)
-    ph = get_distance("pseudo_huber", dim)(a, b)
-    torch.testing.assert_close(ph, (((a - b) ** 2).sum((1, 2, 3)) + c**2).sqrt() - c)
-    assert get_distance("l2", dim) is l2
+    assert pseudo_huber_c(dim) == c
+    ctx = {"t": torch.zeros(4), "y": None, "step": 0}
+    torch.testing.assert_close(LOSSES["pseudo_huber"]()(a, b, ctx), (((a - b) ** 2).sum((1, 2, 3)) + c**2).sqrt() - c)
+    torch.testing.assert_close(LOSSES["l2"]()(a, b, ctx), l2(a, b))
     assert pseudo_huber(a, a, c).eq(0).all()
-    with pytest.raises(ValueError, match="valid: l2, pseudo_huber"):
-        get_distance("lpips", dim)
+    assert check_loss({"l2": 1, "perceptual": 0}) == {"l2": 1.0}
+    with pytest.raises(ValueError, match="unknown term.*lpips.*valid: l2, pseudo_huber"):
+        check_loss({"lpips": 1.0})
+    with pytest.raises(ValueError, match="every weight is 0"):
+        check_loss({"l2": 0})
+    with pytest.raises(ValueError, match="numbers >= 0"):
+        check_loss({"l2": -1})
+    # a weighted sum of terms: 2 l2 + 0.5 pseudo-Huber
+    z, x1 = _rand(8, *SHAPE), _rand(8, *SHAPE, seed=1)
+    pred = _rand(8, *SHAPE, seed=2)
+    obj = Lines(loss={"l2": 2.0, "pseudo_huber": 0.5}, time_sampling="grid", grid=[0.0])
+    loss = obj(Oracle(pred), {"z": z, "x1": x1})
+    torch.testing.assert_close(loss, 2 * l2(pred, x1) + 0.5 * pseudo_huber(pred, x1, c))
+    assert Lines(distance="pseudo_huber").loss == {"pseudo_huber": 1.0}  # model files written before `loss`
 
 
 class Oracle(nn.Module):
@@ -155,7 +168,7 @@ class Oracle(nn.Module):
 def test_lines_loss_zero_for_exact_endpoint(distance, time_sampling, weighting):
     torch.manual_seed(0)
     z, x1 = _rand(256, *SHAPE), _rand(256, *SHAPE, seed=1)
-    obj = Lines(distance=distance, time_sampling=time_sampling, weighting=weighting, grid=[0.0, 0.5])
+    obj = Lines(loss={distance: 1.0}, time_sampling=time_sampling, weighting=weighting, grid=[0.0, 0.5])
     oracle = Oracle(x1)
     loss = obj(oracle, {"z": z, "x1": x1})
     assert loss.shape == (256,) and loss.eq(0).all()
@@ -251,7 +264,7 @@ def test_edm_loss_weighting_and_sigma_distribution():
 def test_registry_errors():
     with pytest.raises(ValueError, match="valid: flow_matching, edm, lines"):
         get_objective("consistency")
-    with pytest.raises(ValueError, match="'P_mean'.*valid: distance"):
+    with pytest.raises(ValueError, match="'P_mean'.*valid: loss"):
         get_objective("lines", P_mean=0.0)
     with pytest.raises(ValueError, match="valid: none, balanced"):
         get_objective("lines", weighting="snr")

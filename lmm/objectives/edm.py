@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from lmm.losses import l2
+from lmm.losses.l2 import l2
 from lmm.nets.precond import EDMDenoiser
 from lmm.objectives.base import Objective, bcast
 
@@ -17,6 +17,7 @@ class EDMLoss(Objective):
     required_keys = ("x",)
 
     def __init__(self, P_mean: float = -1.2, P_std: float = 1.2, sigma_data: float = 0.5) -> None:
+        super().__init__()
         self.P_mean = float(P_mean)
         self.P_std = float(P_std)
         self.sigma_data = float(sigma_data)
@@ -24,7 +25,7 @@ class EDMLoss(Objective):
     def build_model(self, net: nn.Module) -> nn.Module:
         return EDMDenoiser(net, sigma_data=self.sigma_data)
 
-    def __call__(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    def forward(self, model: nn.Module, batch: dict[str, Tensor], step: int = 0) -> Tensor:
         self._check_batch(batch)
         x = batch["x"]
         sigma = (self.P_mean + self.P_std * torch.randn(x.shape[0], dtype=x.dtype, device=x.device)).exp()

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from lmm.losses import l2
+from lmm.losses.l2 import l2
 from lmm.nets.precond import VelocityModel
 from lmm.objectives.base import Objective, bcast, sample_times
 
@@ -18,6 +18,7 @@ class FlowMatching(Objective):
     required_keys = ("x",)
 
     def __init__(self, time_sampling: str = "uniform", logit_mean: float = 0.0, logit_std: float = 1.0) -> None:
+        super().__init__()
         if time_sampling not in TIME_SAMPLINGS:
             raise ValueError(f"unknown time_sampling {time_sampling!r} for flow_matching; valid: {', '.join(TIME_SAMPLINGS)}")
         self.time_sampling = time_sampling
@@ -27,7 +28,7 @@ class FlowMatching(Objective):
     def build_model(self, net: nn.Module) -> nn.Module:
         return VelocityModel(net)
 
-    def __call__(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    def forward(self, model: nn.Module, batch: dict[str, Tensor], step: int = 0) -> Tensor:
         self._check_batch(batch)
         x = batch["x"]
         z = torch.randn_like(x)

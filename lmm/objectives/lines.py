@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from lmm.losses import DISTANCES, get_distance
+from lmm.losses import LOSSES, check_loss
 from lmm.nets.precond import PRECONDS, LinesModel, lines_coefficients
 from lmm.objectives.base import Objective, bcast, sample_times
 
@@ -14,11 +14,14 @@ MAX_BALANCED_WEIGHT = 1e4
 
 
 class Lines(Objective):
-    """L = w(t) d(N(x_t, t, y), x1) with x_t = (1-t) z + t x1 on pairs {"z", "x1", "y" optional}.
+    """L = w(t) sum_k lambda_k d_k(N(x_t, t, y), x1) with x_t = (1-t) z + t x1 on pairs {"z", "x1", "y" optional}.
 
+    loss: {term: weight} over lmm.losses.LOSSES ("l2", "pseudo_huber", "perceptual", "adversarial"); terms
+    with networks load them in `setup`, and a term that trains its own network (adversarial) adds its phase.
+    loss_options: {term: {option: value}} for the terms' constructors. distance: the single term of model files
+    written before `loss` existed.
     precond: the student's parameterisation (lmm.nets.precond.LinesModel: "edm", "velocity", "lines", "none");
     sigma_max and sigma_data are an "edm" student's (its teacher's) and also set "lines"' c_skip/c_out.
-    distance: "l2" (mean over dims of the squared error) | "pseudo_huber" (c = 0.00054 sqrt(dim)).
     time_sampling: "uniform" U[0, 1) | "logit_normal" sigmoid(N(logit_mean, logit_std^2)) |
     "grid" uniform over the sampler grid `grid` (e.g. (0.0,) for NFE 1, (0.0, 0.5) for NFE 2).
     weighting: "none" | "balanced", w(t) = sd^2 / c_out(t)^2 = ((1-t)^2 + t^2 sd^2) / (1-t)^2, which
@@ -32,7 +35,7 @@ class Lines(Objective):
 
     def __init__(
         self,
-        distance: str = "l2",
+        loss: dict[str, float] | None = None,
         time_sampling: str = "uniform",
         grid: tuple[float, ...] | list[float] = (0.0, 0.5),
         weighting: str = "none",
@@ -41,9 +44,18 @@ class Lines(Objective):
         sigma_data: float = 0.5,
         precond: str = "lines",
         sigma_max: float = 80.0,
+        loss_options: dict[str, dict] | None = None,
+        distance: str | None = None,
     ) -> None:
-        if distance not in DISTANCES:
-            raise ValueError(f"unknown distance {distance!r} for lines; valid: {', '.join(DISTANCES)}")
+        super().__init__()
+        if loss is None:
+            loss = {distance or "l2": 1.0}
+        elif distance is not None:
+            raise ValueError("lines: give loss (a {term: weight} table) or the older distance, not both")
+        self.loss = check_loss(loss)
+        self.loss_options = {k: dict(v) for k, v in (loss_options or {}).items() if k in self.loss}
+        self.terms = nn.ModuleDict({k: LOSSES[k](**self.loss_options.get(k, {})) for k in self.loss})
+        self.distance = None
         if time_sampling not in TIME_SAMPLINGS:
             raise ValueError(f"unknown time_sampling {time_sampling!r} for lines; valid: {', '.join(TIME_SAMPLINGS)}")
         if weighting not in WEIGHTINGS:
@@ -51,7 +63,6 @@ class Lines(Objective):
         grid = tuple(float(g) for g in grid)
         if not grid or any(not 0.0 <= g < 1.0 for g in grid):
             raise ValueError(f"lines grid must be a non-empty list of times in [0, 1), got {list(grid)}")
-        self.distance = distance
         self.time_sampling = time_sampling
         self.grid = grid
         self.weighting = weighting
@@ -64,6 +75,14 @@ class Lines(Objective):
         self.sigma_data = float(sigma_data)
         self.precond = precond
         self.sigma_max = float(sigma_max)
+
+    def setup(self, data_shape: tuple[int, ...], num_classes: int, reals=None) -> None:
+        """Load the networks of the loss terms (see lmm.losses.base.LossTerm.setup)."""
+        for term in self.terms.values():
+            term.setup(tuple(data_shape), num_classes, reals)
+
+    def phases(self) -> list:
+        return [p for term in self.terms.values() for p in term.phases()]
 
     def build_model(self, net: nn.Module) -> nn.Module:
         return LinesModel(net, sigma_data=self.sigma_data, precond=self.precond, sigma_max=self.sigma_max)
@@ -82,7 +101,7 @@ class Lines(Objective):
         _, c_out, _ = lines_coefficients(t, self.sigma_data)
         return (self.sigma_data**2 / c_out.square()).clamp(max=MAX_BALANCED_WEIGHT)
 
-    def __call__(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    def forward(self, model: nn.Module, batch: dict[str, Tensor], step: int = 0) -> Tensor:
         self._check_batch(batch)
         z, x1 = batch["z"], batch["x1"]
         if z.shape != x1.shape:
@@ -90,5 +109,6 @@ class Lines(Objective):
         t = self.sample_t(x1.shape[0], x1)
         x_t = bcast(1 - t, x1) * z + bcast(t, x1) * x1
         pred = model(x_t, t, batch.get("y"))
-        loss = get_distance(self.distance, x1[0].numel())(pred, x1)
+        ctx = {"t": t, "y": batch.get("y"), "step": step}
+        loss = sum(weight * self.terms[name](pred, x1, ctx) for name, weight in self.loss.items())
         return loss * self.weight(t) if self.weighting == "balanced" else loss

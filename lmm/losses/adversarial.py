@@ -1,0 +1,155 @@
+"""Adversarial loss on the predicted endpoint, with a projected discriminator (Sauer et al. 2021).
+
+The discriminator sees images through the frozen EfficientNet-Lite0 pyramid (lmm.nets.pyramid), a fixed
+random 1x1 cross-channel mixing per scale, and small trainable heads per scale whose patch logits are
+averaged; conditional runs add a projection term <embed(y), pooled features> per scale. Both sides go through
+the same differentiable augmentation (DiffAugment, Zhao et al. 2020). Hinge loss; optional R1 penalty on reals.
+The real side is dataset images (`reals`, a BatchSource of {"x", "y"}); the fake side is the student's
+prediction at the line times it trains on, taken from the main phase of the same step.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lmm.losses.base import LossTerm
+
+AUGMENTS = ("translation", "cutout", "color")
+
+
+def diff_augment(x: Tensor, policy: tuple[str, ...]) -> Tensor:
+    """DiffAugment of x (B, C, H, W) in [-1, 1]: colour (brightness, saturation, contrast), translation by up to
+    1/8 of the side (zero padded) and cutout of a square of half the side; randomness from the global RNG."""
+    b = x.shape[0]
+    if "color" in policy:
+        x = x + (torch.rand(b, 1, 1, 1, device=x.device, dtype=x.dtype) - 0.5)
+        mean = x.mean(1, keepdim=True)
+        x = (x - mean) * (torch.rand(b, 1, 1, 1, device=x.device, dtype=x.dtype) * 2) + mean
+        mean = x.mean((1, 2, 3), keepdim=True)
+        x = (x - mean) * (torch.rand(b, 1, 1, 1, device=x.device, dtype=x.dtype) + 0.5) + mean
+    h, w = x.shape[-2:]
+    if "translation" in policy:
+        sh, sw = max(1, h // 8), max(1, w // 8)
+        dy = torch.randint(-sh, sh + 1, (b, 1, 1), device=x.device)
+        dx = torch.randint(-sw, sw + 1, (b, 1, 1), device=x.device)
+        gy = (torch.arange(h, device=x.device).view(1, h, 1) + dy).clamp(-1, h)
+        gx = (torch.arange(w, device=x.device).view(1, 1, w) + dx).clamp(-1, w)
+        padded = F.pad(x, (1, 1, 1, 1))
+        x = padded.permute(0, 2, 3, 1)[torch.arange(b, device=x.device).view(b, 1, 1), gy + 1, gx + 1]
+        x = x.permute(0, 3, 1, 2)
+    if "cutout" in policy:
+        ch, cw = h // 2, w // 2
+        cy = torch.randint(0, h + 1 - ch % 2, (b, 1, 1), device=x.device)
+        cx = torch.randint(0, w + 1 - cw % 2, (b, 1, 1), device=x.device)
+        ys = torch.arange(h, device=x.device).view(1, h, 1)
+        xs = torch.arange(w, device=x.device).view(1, 1, w)
+        keep = ((ys - cy).abs() >= ch // 2 + 1) | ((xs - cx).abs() >= cw // 2 + 1)
+        x = x * keep.unsqueeze(1).to(x.dtype)
+    return x
+
+
+class ProjectedDiscriminator(nn.Module):
+    """features: list of (B, C_k, H_k, W_k) from the frozen pyramid -> logits (B,), mean over scales of the
+    mean patch logit of each scale's head. mix: fixed random 1x1 convs (buffers), heads: trainable; both drawn
+    from `seed`, so a run's discriminator starts the same every time."""
+
+    def __init__(self, in_channels: list[int], width: int = 64, num_classes: int = 0, seed: int = 0) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        for k, c in enumerate(in_channels):
+            self.register_buffer(f"mix{k}", torch.randn(width, c, 1, 1, generator=gen) / math.sqrt(c))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + 1)
+            self.heads = nn.ModuleList(
+                nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.LeakyReLU(0.2), nn.Conv2d(width, 1, 1))
+                for _ in in_channels)
+            self.embed = nn.ModuleList(nn.Embedding(num_classes, width) for _ in in_channels) if num_classes else None
+        self.num_scales = len(in_channels)
+
+    def forward(self, features: list[Tensor], y: Tensor | None = None) -> Tensor:
+        logits = []
+        for k, f in enumerate(features):
+            h = F.conv2d(f, getattr(self, f"mix{k}"))
+            h = F.leaky_relu(h, 0.2)
+            out = self.heads[k](h).mean((1, 2, 3))
+            if self.embed is not None and y is not None:
+                out = out + (self.embed[k](y) * h.mean((2, 3))).sum(1) / math.sqrt(h.shape[1])
+            logits.append(out)
+        return torch.stack(logits).mean(0)
+
+
+class Adversarial(LossTerm):
+    """Generator side: hinge -D(aug(pred)) per sample, from step `start` on (0 before). Options
+    (`student.adversarial`): start, lr (discriminator), interval (a discriminator step every `interval`
+    student steps), r1 (R1 weight, 0 = off), augment (DiffAugment policies), resolution (the pyramid's input
+    side), width (channels of the mixing and heads), seed (the fixed mixing)."""
+
+    name = "adversarial"
+
+    def __init__(self, start: int = 0, lr: float = 2e-4, interval: int = 1, r1: float = 0.0,
+                 augment: list[str] | tuple[str, ...] = AUGMENTS, resolution: int = 64, width: int = 64,
+                 seed: int = 0) -> None:
+        super().__init__()
+        bad = [a for a in augment if a not in AUGMENTS]
+        if bad:
+            raise ValueError(f"student.adversarial.augment: unknown {bad}; valid: {', '.join(AUGMENTS)}")
+        if start < 0 or lr <= 0 or interval < 1 or r1 < 0:
+            raise ValueError(f"student.adversarial: need start >= 0, lr > 0, interval >= 1, r1 >= 0; got start={start}, "
+                             f"lr={lr}, interval={interval}, r1={r1}")
+        self.start, self.lr, self.interval, self.r1 = start, lr, interval, r1
+        self.augment, self.resolution, self.width, self.seed = tuple(augment), resolution, width, seed
+        self.disc: ProjectedDiscriminator | None = None
+        self.reals: Any = None
+        self._fake: dict[str, Any] = {}
+
+    def setup(self, data_shape: tuple[int, ...], num_classes: int, reals: Any = None) -> None:
+        from lmm.nets.pyramid import EfficientNetPyramid
+
+        if len(data_shape) != 3:
+            raise ValueError(f"the adversarial loss needs image data (C, H, W), not shape {data_shape}")
+        if reals is None:
+            raise ValueError("the adversarial loss needs dataset images (reals) for its discriminator")
+        self.__dict__["reals"] = reals
+        self.features = EfficientNetPyramid(self.resolution)
+        self.disc = ProjectedDiscriminator(self.features.channels, self.width, num_classes, self.seed)
+        self.num_classes = num_classes
+
+    def logits(self, disc: nn.Module, x: Tensor, y: Tensor | None) -> Tensor:
+        """(B,) discriminator logits of images x (B, C, H, W) in [-1, 1], augmented."""
+        return disc(self.features(diff_augment(x, self.augment)), y if self.num_classes else None)
+
+    def forward(self, pred: Tensor, target: Tensor, ctx: dict[str, Any]) -> Tensor:
+        if self.disc is None:
+            raise RuntimeError("Adversarial.setup() must run before the loss is used")
+        self._fake = {"x": pred.detach(), "y": ctx.get("y"), "step": ctx["step"]}
+        if ctx["step"] < self.start:
+            return pred.new_zeros(pred.shape[0])
+        return -self.logits(self.disc, pred, ctx.get("y"))
+
+    def disc_loss(self, disc: nn.Module, batch: dict[str, Tensor], step: int, rank: int, world: int) -> Tensor:
+        """Hinge loss of the discriminator on this step's reals and the main phase's fakes, (B,) (+ R1)."""
+        fake = self._fake
+        if fake.get("step") != step:
+            raise RuntimeError(f"the discriminator phase at step {step} has no fakes from that step's main phase")
+        real = self.reals.batch(step, rank, world, fake["x"].shape[0])
+        x_real = real["x"].to(fake["x"].device).requires_grad_(self.r1 > 0)
+        y_real = real.get("y")
+        y_real = None if y_real is None else y_real.to(fake["x"].device)
+        d_real = self.logits(disc, x_real, y_real)
+        loss = F.relu(1 - d_real) + F.relu(1 + self.logits(disc, fake["x"], fake["y"]))
+        if self.r1 > 0:
+            (grad,) = torch.autograd.grad(d_real.sum(), x_real, create_graph=True)
+            loss = loss + 0.5 * self.r1 * grad.square().flatten(1).sum(1)
+        return loss
+
+    def phases(self) -> list:
+        from lmm.train import Phase
+
+        if self.disc is None:
+            raise RuntimeError("Adversarial.setup() must run before its phases are taken")
+        return [Phase(name="disc", net=self.disc, loss=self.disc_loss, lr=self.lr, interval=self.interval,
+                      start=self.start)]
