@@ -173,3 +173,43 @@ def test_discriminator_under_torchrun(pairs_run, tmp_path):
     assert "phase-disc" in tensors and state["world"] == 2 and "disc" in state["phase_optimizers"]
     log = [json.loads(line) for line in (run / "student" / "log.jsonl").read_text().splitlines()]
     assert len(log) == 3 and all(torch.isfinite(torch.tensor(r["disc_loss"])) for r in log)
+
+
+def _lpips_files(root: Path, net: str) -> None:
+    """Files in the exact formats LPIPS reads: torchvision's backbone state dict in TORCH_HOME's hub cache (random
+    weights, with a classifier entry as in the real file) and the lpips package's linear layers."""
+    from lmm.nets.lpips import BACKBONE_FILES, CHANNELS, _features
+
+    torch.manual_seed(0)
+    backbone = {f"features.{k}": v for k, v in _features(net).state_dict().items()}
+    backbone["classifier.1.weight"] = torch.zeros(2, 2)
+    (root / "hub" / "checkpoints").mkdir(parents=True, exist_ok=True)
+    torch.save(backbone, root / "hub" / "checkpoints" / BACKBONE_FILES[net])
+    weights = root / "site" / "lpips" / "weights" / "v0.1"
+    weights.mkdir(parents=True, exist_ok=True)
+    torch.save({f"lin{k}.model.1.weight": torch.rand(1, c, 1, 1) for k, c in enumerate(CHANNELS[net])},
+               weights / f"{net}.pth")
+
+
+@pytest.mark.parametrize("net", ["alex", "vgg"])
+def test_real_lpips_loads_its_files_and_names_the_missing_one(tmp_path, monkeypatch, net):
+    import importlib
+
+    from lmm.nets.lpips import BACKBONE_FILES
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr(torch.hub, "_hub_dir", None, raising=False)
+    term = Perceptual(network=f"lpips_{net}", resolution=32)
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "hub" / "checkpoints" / BACKBONE_FILES[net])):
+        term.setup((1, 28, 28), 0)
+    _lpips_files(tmp_path, net)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    importlib.invalidate_caches()
+    term.setup((1, 28, 28), 0)
+    x, pred = _images(2), _images(2, seed=1).requires_grad_(True)
+    ctx = {"t": torch.zeros(2), "y": None, "step": 0}
+    assert term(x, x, ctx).abs().max() < 1e-6
+    d = term(pred, x, ctx)
+    assert d.shape == (2,) and (d > 0).all()
+    d.sum().backward()
+    assert pred.grad.abs().sum() > 0

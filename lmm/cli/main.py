@@ -280,8 +280,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """parse_args that also takes KEY=VALUE overrides after options (e.g. `lmm train --pairs P student.x=1`)."""
+    args, extra = parser.parse_known_args(argv)
+    stray = [x for x in extra if not _OVERRIDE.match(x)]
+    if stray or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(build_parser(), argv)
     try:
         args.func(args)
         return 0
