@@ -218,14 +218,18 @@ def _init_from_teacher(student: torch.nn.Module, teacher_path: Path, net_cfg: di
     student.net.load_state_dict(net.state_dict())
 
 
-def noise_batches(n: int, batch_size: int, shape: tuple[int, ...], ncls: int, seed: int
+def noise_batches(n: int, batch_size: int, shape: tuple[int, ...], ncls: int, seed: int, label: int | None = None
                    ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
-    """Seeded noise (and balanced labels) in batches; identical for every model sampled with `seed`."""
+    """Seeded noise in batches, identical for every model sampled with `seed`, and for conditional models
+    labels: balanced (sample i has class i % ncls), or all `label`."""
+    if label is not None and not 0 <= label < ncls:
+        raise ValueError(f"class {label} is not one of the model's {ncls} classes" if ncls else
+                         f"class {label} asked of an unconditional model")
     gen = torch.Generator().manual_seed(seed)
     for start in range(0, n, batch_size):
         b = min(batch_size, n - start)
         z = torch.randn((b, *shape), generator=gen)
-        y = torch.arange(start, start + b) % ncls if ncls else None
+        y = None if not ncls else torch.full((b,), label) if label is not None else torch.arange(start, start + b) % ncls
         yield z, y
 
 
@@ -233,9 +237,9 @@ def noise_batches(n: int, batch_size: int, shape: tuple[int, ...], ncls: int, se
 def sample(model: torch.nn.Module | Teacher, n: int, *, seed: int, batch_size: int = 500, nfe: int | None = None,
            grid: list[float] | None = None, mode: str = "line", solver: str = "euler", steps: int | None = None,
            schedule: str = "edm", bf16: bool = False, device: str | torch.device = "cpu",
-           progress: bool = False) -> dict[str, Any]:
+           progress: bool = False, label: int | None = None) -> dict[str, Any]:
     """Draw n samples. Teachers: `solver` with `steps` intervals on its `schedule`; students: the line sampler on `grid`
-    (default grid for `nfe`). Returns {"images": uint8 (N,H,W,C) (float (N, D) for vector data),
+    (default grid for `nfe`); conditional models get balanced labels, or all `label`. Returns {"images": uint8 (N,H,W,C) (float (N, D) for vector data),
     "labels": (N,) or None, "nfe": int}. Under torchrun each rank samples a contiguous share of the seeded
     noise batches and every rank returns all n samples, identical to a single process's."""
     device = torch.device(device)
@@ -247,7 +251,7 @@ def sample(model: torch.nn.Module | Teacher, n: int, *, seed: int, batch_size: i
     mine, world = dist.shard(-(-n // batch_size)), dist.world_size()
     images, labels, used = [torch.empty(0, *shape)], [torch.empty(0, dtype=torch.long)], 0
     bar = progress_bar(n, desc="sample", unit="img", enabled=progress, leave=False)
-    for i, (z, y) in enumerate(noise_batches(n, batch_size, shape, ncls, seed)):
+    for i, (z, y) in enumerate(noise_batches(n, batch_size, shape, ncls, seed, label)):
         if i not in mine:
             continue
         z, y = z.to(device), None if y is None else y.to(device)
@@ -270,7 +274,8 @@ def sample(model: torch.nn.Module | Teacher, n: int, *, seed: int, batch_size: i
 
 
 def save_samples(result: dict[str, Any], path: str | Path, grid_n: int = 64) -> Path:
-    """Write `images` (and `labels`) to an .npz (atomically) and a PNG grid beside it."""
+    """Write `images` (and `labels`) to an .npz (atomically) and a PNG grid beside it: the first `grid_n` images,
+    or for several classes one row per class (up to 16 classes, 8 samples each)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {"images": result["images"]}
@@ -279,7 +284,14 @@ def save_samples(result: dict[str, Any], path: str | Path, grid_n: int = 64) -> 
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, **arrays)
     if result["images"].ndim == 4:
-        save_image_grid(result["images"][:grid_n], path.with_suffix(".png"))
+        labels = result.get("labels")
+        if labels is not None and len(np.unique(labels)) > 1:
+            per_class = [np.flatnonzero(labels == k)[:8] for k in np.unique(labels)[:16]]
+            width = min(len(i) for i in per_class)
+            save_image_grid(result["images"][np.concatenate([i[:width] for i in per_class])],
+                            path.with_suffix(".png"), nrow=width)
+        else:
+            save_image_grid(result["images"][:grid_n], path.with_suffix(".png"))
     return path
 
 

@@ -128,7 +128,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     how = _sampler(args, meta, getattr(model, "singular_end", False))
     bf16 = dist.resolve_bf16(True if args.bf16 == "on" else False if args.bf16 == "off" else "auto", device)
     result = pipeline.sample(model, args.n, seed=args.seed, batch_size=args.batch_size, bf16=bf16, device=device,
-                             progress=dist.is_main(), **how)
+                             progress=dist.is_main(), label=args.label, **how)
     if dist.is_main():
         path = pipeline.save_samples(result, args.out)
         print(f"{path}: {args.n} samples, NFE {result['nfe']}")
@@ -227,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="output .npz path")
     p.add_argument("-n", type=_positive_int, default=64, help="number of samples (default 64)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+    p.add_argument("--class", dest="label", type=int, default=None,
+                   help="conditional models: sample this class only (default: classes in turn, i %% classes)")
     p.add_argument("--nfe", type=_positive_int, default=None,
                    help="network calls. Student: its steps (default 1; the grid it was trained on when that has NFE "
                         "times, else the default grid); teacher: the most solver steps that fit in NFE calls")
