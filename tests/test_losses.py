@@ -213,3 +213,23 @@ def test_real_lpips_loads_its_files_and_names_the_missing_one(tmp_path, monkeypa
     assert d.shape == (2,) and (d > 0).all()
     d.sum().backward()
     assert pred.grad.abs().sum() > 0
+
+
+def test_adaptive_adversarial_weight_balances_gradient_norms():
+    """adaptive=true: the adversarial term's gradient on the prediction is `weight` times the others' in norm."""
+    from lmm.objectives import Lines
+
+    obj = Lines(loss={"l2": 1.0, "adversarial": 0.5}, time_sampling="grid", grid=[0.0],
+                loss_options={"adversarial": {"adaptive": True, "augment": [], "resolution": 32, "width": 8}})
+    obj.setup((1, 28, 28), 0, reals=_Reals())
+    x1, z = _images(6), torch.randn(6, 1, 28, 28, generator=torch.Generator().manual_seed(3))
+    pred = _images(6, seed=5).requires_grad_(True)
+
+    class Fixed(torch.nn.Module):
+        def forward(self, x_t, t, y=None):
+            return pred
+
+    total = obj(Fixed(), {"z": z, "x1": x1}).sum()
+    (g_total,) = torch.autograd.grad(total, pred)
+    g_l2 = torch.autograd.grad(LOSSES["l2"]()(pred, x1, {}).sum(), pred)[0]
+    torch.testing.assert_close((g_total - g_l2).norm(), 0.5 * g_l2.norm(), rtol=1e-4, atol=1e-8)

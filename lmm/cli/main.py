@@ -40,34 +40,29 @@ def cmd_config(args: argparse.Namespace) -> None:
         print(f"{key} = {json.dumps(value)}")
 
 
-def cmd_teacher_train(args: argparse.Namespace) -> None:
+def _run_stage(args: argparse.Namespace, stage: str, timing: str, run) -> None:
+    """Run one stage on the config of `args`, time it, then record the keys it used in RUN/config.json."""
     from lmm import pipeline
 
     cfg = _config(args)
-    with _stage(cfg, "train teacher"):
-        path = pipeline.train_teacher(cfg)
-    pipeline.record_config(cfg, "teacher")
+    with _stage(cfg, timing):
+        path = run(pipeline, cfg)
+    pipeline.record_config(cfg, stage)
     print(path)
+
+
+def cmd_teacher_train(args: argparse.Namespace) -> None:
+    _run_stage(args, "teacher", "train teacher", lambda pipeline, cfg: pipeline.train_teacher(cfg))
 
 
 def cmd_pairs(args: argparse.Namespace) -> None:
-    from lmm import pipeline
-
-    cfg = _config(args)
-    with _stage(cfg, "generate pairs"):
-        path = pipeline.generate_pairs(cfg, teacher_path=args.teacher, store=args.out)
-    pipeline.record_config(cfg, "pairs")
-    print(path)
+    _run_stage(args, "pairs", "generate pairs",
+               lambda pipeline, cfg: pipeline.generate_pairs(cfg, teacher_path=args.teacher, store=args.out))
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from lmm import pipeline
-
-    cfg = _config(args)
-    with _stage(cfg, "train student"):
-        path = pipeline.train_student(cfg, store=args.pairs, teacher_path=args.teacher)
-    pipeline.record_config(cfg, "student")
-    print(path)
+    _run_stage(args, "student", "train student",
+               lambda pipeline, cfg: pipeline.train_student(cfg, store=args.pairs, teacher_path=args.teacher))
 
 
 def _positive_int(text: str) -> int:

@@ -86,13 +86,15 @@ class Adversarial(LossTerm):
     """Generator side: hinge -D(aug(pred)) per sample, from step `start` on (0 before). Options
     (`student.adversarial`): start, lr (discriminator), interval (a discriminator step every `interval`
     student steps), r1 (R1 weight, 0 = off), augment (DiffAugment policies), resolution (the pyramid's input
-    side), width (channels of the mixing and heads), seed (the fixed mixing)."""
+    side), width (channels of the mixing and heads), seed (the fixed mixing), adaptive (false: the term's
+    weight is used as is; true: it is relative, the adversarial gradient on the prediction getting `weight`
+    times the norm of the other terms', see lmm.objectives.lines.Lines)."""
 
     name = "adversarial"
 
     def __init__(self, start: int = 0, lr: float = 2e-4, interval: int = 1, r1: float = 0.0,
                  augment: list[str] | tuple[str, ...] = AUGMENTS, resolution: int = 64, width: int = 64,
-                 seed: int = 0) -> None:
+                 seed: int = 0, adaptive: bool = False) -> None:
         super().__init__()
         bad = [a for a in augment if a not in AUGMENTS]
         if bad:
@@ -102,6 +104,7 @@ class Adversarial(LossTerm):
                              f"lr={lr}, interval={interval}, r1={r1}")
         self.start, self.lr, self.interval, self.r1 = start, lr, interval, r1
         self.augment, self.resolution, self.width, self.seed = tuple(augment), resolution, width, seed
+        self.adaptive = bool(adaptive)
         self.disc: ProjectedDiscriminator | None = None
         self.reals: Any = None
         self._fake: dict[str, Any] = {}

@@ -110,5 +110,20 @@ class Lines(Objective):
         x_t = bcast(1 - t, x1) * z + bcast(t, x1) * x1
         pred = model(x_t, t, batch.get("y"))
         ctx = {"t": t, "y": batch.get("y"), "step": step}
-        loss = sum(weight * self.terms[name](pred, x1, ctx) for name, weight in self.loss.items())
+        parts = {name: self.terms[name](pred, x1, ctx) for name in self.loss}
+        weights = dict(self.loss)
+        adv = self.terms["adversarial"] if "adversarial" in self.terms else None
+        if adv is not None and adv.adaptive and step >= adv.start and pred.requires_grad:
+            weights["adversarial"] *= self._adaptive_scale(pred, parts, weights)
+        loss = sum(weights[name] * part for name, part in parts.items())
         return loss * self.weight(t) if self.weighting == "balanced" else loss
+
+    @staticmethod
+    def _adaptive_scale(pred: Tensor, parts: dict[str, Tensor], weights: dict[str, float]) -> Tensor:
+        """||grad_pred of the other terms|| / ||grad_pred of the adversarial term|| (detached, at most 1e4): with it
+        the adversarial gradient on the prediction has `weight` times the norm of the others' (VQGAN's adaptive
+        weight, measured at the prediction instead of the last layer, so no network parameter is touched)."""
+        rest = sum(weights[name] * part for name, part in parts.items() if name != "adversarial")
+        (g_rest,) = torch.autograd.grad(rest.sum(), pred, retain_graph=True)
+        (g_adv,) = torch.autograd.grad(parts["adversarial"].sum(), pred, retain_graph=True)
+        return (g_rest.float().norm() / (g_adv.float().norm() + 1e-8)).clamp(max=1e4).detach()
