@@ -4,9 +4,10 @@
    batched forward throughput divided by the solver's NFE (the store is timed whole: noise, solver, shard
    writes with fsync and checksums; after a warm-up store);
 2. student training (lmm.train.train on a pair store: data, objective, clipping, EMA, logging) against a
-   bare forward-backward-AdamW loop of the same network on tensors already in memory. "steady" is the loop's
-   own samples/s between log records after the first (their mean, and their best against the bare loop's best
-   round); "whole call" adds start-up and the final checkpoint;
+   bare forward-backward-AdamW loop of the same network on tensors already in memory, interleaved: `repeats`
+   rounds of bare windows then a train() call that resumes for the next share of --steps. "steady" compares
+   the median of the loop's own samples/s between its log records (the first of each call skipped) with the
+   median bare window; "whole call" times each train() call with its start-up, resume and final checkpoint;
 3. student sampling at NFE 1 against teacher sampling with its solver (same batch, same network size).
 
 Networks are freshly initialised (speed does not depend on the weights). The data shape is the digits'
@@ -109,22 +110,34 @@ def main() -> None:
             loss.backward()
             opt.step()
 
-        bare = rates({"bare": (lambda: [bare_step() for _ in range(10)], 10 * bs)}, args.repeats)["bare"]
         source = PairSource(store, seed=0)
+        window = max(1, min(10, args.steps // 2))
         kw = dict(batch_size=bs, lr=1e-4, ema_halflife=s["train"]["ema_halflife"], warmup_steps=0,
-                  grad_clip=s["train"]["grad_clip"], bf16=False, seed=0, log_every=max(1, args.steps // 5),
+                  grad_clip=s["train"]["grad_clip"], bf16=False, seed=0, log_every=window,
                   meta={"bench": True}, device="cpu", progress=False)
         train(student, objective, source, run_dir=Path(tmp) / "warm", steps=5, ckpt_every=5, **kw)
-        start = time.perf_counter()
-        train(student, objective, source, run_dir=Path(tmp) / "student", steps=args.steps, ckpt_every=args.steps, **kw)
-        whole = args.steps * bs / (time.perf_counter() - start)
-        log = [json.loads(line) for line in (Path(tmp) / "student" / "log.jsonl").read_text().splitlines()]
-        later = log[1:] or log  # a run too short for two log records: its only one
-        steady = sum(r["samples_per_s"] for r in later) / len(later)
-        rows.append(("student training, steady (samples/s)", steady, bare, "bare forward-backward-AdamW loop"))
-        rows.append(("student training, best window (samples/s)", max(r["samples_per_s"] for r in later), bare,
-                     "bare loop, best round"))
-        rows.append(("student training, whole call (samples/s)", whole, bare, "bare forward-backward-AdamW loop"))
+        log_path = Path(tmp) / "student" / "log.jsonl"
+        bare_rates, loop_rates, whole = [], [], []
+        for r in range(args.repeats):
+            for _ in range(max(1, args.steps // (window * args.repeats))):
+                start = time.perf_counter()
+                for _ in range(window):
+                    bare_step()
+                bare_rates.append(window * bs / (time.perf_counter() - start))
+            done = len(log_path.read_text().splitlines()) if log_path.is_file() else 0
+            steps = (r + 1) * args.steps // args.repeats
+            start = time.perf_counter()
+            train(student, objective, source, run_dir=Path(tmp) / "student", steps=steps, ckpt_every=steps, **kw)
+            whole.append((steps - r * args.steps // args.repeats) * bs / (time.perf_counter() - start))
+            log = [json.loads(line) for line in log_path.read_text().splitlines()][done:]
+            loop_rates += [rec["samples_per_s"] for rec in (log[1:] or log)]
+        median = lambda v: sorted(v)[len(v) // 2]
+        rows.append(("student training, steady, median window (samples/s)", median(loop_rates), median(bare_rates),
+                     f"bare forward-backward-AdamW loop, median of {window}-step windows, interleaved"))
+        rows.append(("student training, best window (samples/s)", max(loop_rates), max(bare_rates),
+                     "bare loop, best window"))
+        rows.append(("student training, whole call (samples/s)", median(whole), median(bare_rates),
+                     "bare loop; lmm counts start-up, resume and the final checkpoint"))
 
     student.eval()
     z = torch.randn(b, *shape)
