@@ -62,6 +62,7 @@ DEFAULTS: dict[str, Any] = {
         "sigma_max": 80.0,
         "rho": 7.0,
         "sigma_data": 0.5,
+        "denoiser": "edm",
         "P_mean": -1.2,
         "P_std": 1.2,
         "net": dict(_UNET),
@@ -118,7 +119,7 @@ _AT_LEAST: dict[str, float] = {
     "eval.n": 2, "eval.batch_size": 1, "eval.seed": 0,
 }
 _POSITIVE_LISTS = ("eval.teacher_nfe", "eval.student_nfe")
-_CHOICES = {"eval.split": ("", "train", "test"), "data.split": ("train", "test")}
+_CHOICES = {"eval.split": ("", "train", "test"), "data.split": ("train", "test"), "teacher.denoiser": ("edm", "vp", "ve")}
 REPLACED_WHOLE = {"net", "loss"}
 BOOL_OR_AUTO = {"run.bf16"}
 

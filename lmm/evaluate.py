@@ -13,8 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from lmm import dist
-from lmm.data.images import to_uint8
-from lmm.io import file_sha256, save_json
+from lmm.io import file_sha256, path_sha256, save_json
 from lmm.metrics import (
     FeatureStats,
     compute_stats,
@@ -101,11 +100,11 @@ def reference(cfg: dict, device: torch.device, cache: Path | None = None) -> Ref
     split = _eval_split(cfg)
     data = load_data({**cfg, "data": {**cfg["data"], "split": split}})
     name, seed = data.name, cfg["eval"]["seed"]
-    if data.x.dim() == 2:
+    if len(data.data_shape) == 1:
         return Reference(_stats(None, data.x.numpy()), None, "fd_points", name, seed)
     features = cfg["eval"]["features"]
     extractor = get_extractor(features, device, progress=cfg["run"]["progress"] and dist.is_main())
-    images = to_uint8(data.x)
+    images = data.uint8_nhwc()
     data_hash = hash_images(images)
     if cache is not None and cache.is_file():
         stats = load_stats(cache, extractor, data_hash)
@@ -379,8 +378,9 @@ def evaluate_inputs(cfg: dict, *, samples: list[Path] = (), model: Path | None =
         rows.append({"label": str(path), "model": "file", **score(ref, images)})
     if model is not None:
         model = Path(model)
-        settings["model_sha256"] = file_sha256(model / "model.safetensors" if model.is_dir()
-                                               else model.with_suffix(".safetensors"))
+        is_lmm_folder = model.is_dir() and (model / "model.safetensors").is_file()
+        settings["model_sha256"] = path_sha256(model / "model.safetensors" if is_lmm_folder else
+                                               model if model.is_dir() else model.with_suffix(".safetensors"))
         own_ode = own_ode_metrics(net, seed=e["seed"], device=device)
         rows += [evaluate_sampler(cfg, ref, meta["role"], net, how, device, own_ode)[0]
                  for how in sweep(net, list(nfes), _student_grid(meta), e["teacher_solvers"])]

@@ -1,4 +1,4 @@
-"""Atomic file writes (temporary file beside the target, fsync, rename) and file hashes."""
+"""Atomic file writes (temporary file beside the target, fsync, rename) and file and folder hashes."""
 from __future__ import annotations
 
 import contextlib
@@ -56,4 +56,17 @@ def file_sha256(path: str | Path) -> str:
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
+    return h.hexdigest()
+
+
+def path_sha256(path: str | Path) -> str:
+    """`file_sha256` of a file; of a folder, the sha256 of one line per file below it (symlinks followed), in order of
+    relative POSIX path: the path, a NUL byte, the file's sha256 hex digest, a newline."""
+    path = Path(path)
+    if not path.is_dir():
+        return file_sha256(path)
+    files = sorted((p.relative_to(path).as_posix(), p) for p in path.rglob("*") if p.is_file())
+    h = hashlib.sha256()
+    for rel, p in files:
+        h.update(f"{rel}\0{file_sha256(p)}\n".encode())
     return h.hexdigest()

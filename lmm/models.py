@@ -32,7 +32,8 @@ def teacher_objective(tcfg: dict) -> Objective:
     if kind not in TEACHER_OBJECTIVES:
         raise ValueError(f"teacher.kind: unknown '{kind}'; valid: {', '.join(TEACHER_OBJECTIVES)}")
     if kind == "edm":
-        return get_objective("edm", sigma_data=tcfg["sigma_data"], P_mean=tcfg["P_mean"], P_std=tcfg["P_std"])
+        return get_objective("edm", sigma_data=tcfg["sigma_data"], P_mean=tcfg["P_mean"], P_std=tcfg["P_std"],
+                             denoiser=tcfg["denoiser"])
     return get_objective("flow_matching")
 
 
@@ -52,6 +53,7 @@ def student_objective(scfg: dict, tcfg: dict) -> Objective:
         sigma_data = tcfg["sigma_data"] if precond == "edm" else sigma_data
     return get_objective(
         "lines",
+        denoiser=tcfg.get("denoiser", "edm"),
         loss=scfg["loss"],
         loss_options={k: scfg[k] for k in scfg["loss"] if isinstance(scfg.get(k), dict)},
         time_sampling=scfg["time_sampling"],
@@ -98,12 +100,17 @@ def build_model(objective: Objective, net_cfg: dict, data_shape: tuple[int, ...]
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module | Teacher, dict]:
-    """Rebuild the model saved at `path` (`X.safetensors`, its `X.json` beside it, or a run folder).
+    """Rebuild the model saved at `path` (`X.safetensors`, its `X.json` beside it, or a run folder), or load a
+    diffusers model folder as a teacher (lmm.teachers.diffusers.load_diffusers_teacher; extra `lmm[diffusers]`).
 
     Returns (Teacher, meta) for a teacher file and (LinesModel, meta) for a student file, in eval mode.
     """
     path = Path(path)
     if path.is_dir():
+        from lmm.teachers.diffusers import is_diffusers_folder, load_diffusers_teacher
+
+        if is_diffusers_folder(path):
+            return load_diffusers_teacher(path, device)
         path = path / "model.safetensors"
     state, meta = load_model_file(path)
     if meta.get("format") != "lmm-model/1":

@@ -18,7 +18,7 @@ from lmm import dist
 from lmm.data.datasets import ImageData, TensorSource, load_dataset
 from lmm.data.images import save_image_grid, to_uint8
 from lmm.data.pairs import PairSource, make_pairs, open_pairs
-from lmm.io import atomic_path, file_sha256, save_json
+from lmm.io import atomic_path, path_sha256, save_json
 from lmm.models import (
     build_model,
     load_model,
@@ -67,18 +67,31 @@ def record_config(cfg: dict, stage: str) -> None:
     save_json(path, record)
 
 
+_SPLIT_DATASETS = ("fashion_mnist", "cifar10", "imagenet64", "afhq")
+_FOLDER_DATASETS = ("image_folder", "afhq")
+
+
 def load_data(cfg: dict) -> ImageData:
+    """The dataset of cfg["data"] as stored (uint8 images are converted per batch by `ImageData.source`), cut to
+    its first data.n samples (views) when data.n > 0; refused when data.resolution / data.channels (when set)
+    differ from the dataset's own."""
     d = cfg["data"]
-    kw: dict[str, Any] = {"split": d["split"]} if d["name"] == "fashion_mnist" else {}
+    name = d["name"]
+    kw: dict[str, Any] = {"split": d["split"]} if name in _SPLIT_DATASETS else {}
     if not kw and d["split"] != "train":
-        raise ValueError(f"data.split / eval.split = {d['split']!r}: dataset '{d['name']}' has only one split ('train')")
-    if d["name"] == "toy":
+        raise ValueError(f"data.split / eval.split = {d['split']!r}: dataset '{name}' has only one split ('train')")
+    if name == "toy":
         kw = {"kind": d["toy"], "n": d["n"] or 20_000, "seed": cfg["run"]["seed"]}
-    elif d["name"] == "image_folder":
-        kw = {"resolution": d["resolution"], "channels": d["channels"] or 3, "labels": d["conditional"]}
-    data = load_dataset(d["name"], root=d["root"] or None, **kw)
-    if d["n"] and d["name"] != "toy":
-        data = ImageData(data.x[: d["n"]], None if data.y is None else data.y[: d["n"]], data.num_classes, data.name)
+    elif name in _FOLDER_DATASETS:
+        kw.update(resolution=d["resolution"], channels=d["channels"] or 3, labels=d["conditional"])
+    data = load_dataset(name, root=d["root"] or None, **kw)
+    if len(data.data_shape) == 3:
+        c, h, _ = data.data_shape
+        for key, want, have in (("resolution", d["resolution"], h), ("channels", d["channels"], c)):
+            if want and want != have:
+                raise ValueError(f"data.{key}={want}, but {data.name} has {have}; set data.{key}=0 (or {have})")
+    if d["n"] and name != "toy":
+        data = data.head(d["n"])
     return data
 
 
@@ -109,12 +122,11 @@ def train_teacher(cfg: dict) -> Path:
     data = load_data(cfg)
     ncls = num_classes(cfg, data)
     objective = teacher_objective(cfg["teacher"])
-    model = build_model(objective, cfg["teacher"]["net"], tuple(data.x.shape[1:]), ncls)
-    tensors = {"x": data.x} if ncls == 0 else {"x": data.x, "y": data.y}
+    model = build_model(objective, cfg["teacher"]["net"], data.data_shape, ncls)
     out = run_dir(cfg) / "teacher"
     kw = _train_kwargs(cfg, cfg["teacher"], device)
-    meta = model_meta("teacher", objective, cfg["teacher"]["net"], tuple(data.x.shape[1:]), ncls, cfg, kw["bf16"])
-    train(model, objective, TensorSource(tensors, seed=cfg["run"]["seed"]), run_dir=out, meta=meta, **kw)
+    meta = model_meta("teacher", objective, cfg["teacher"]["net"], data.data_shape, ncls, cfg, kw["bf16"])
+    train(model, objective, data.source(cfg["run"]["seed"], labels=ncls > 0), run_dir=out, meta=meta, **kw)
     dist.barrier()
     return out / "model.safetensors"
 
@@ -142,7 +154,7 @@ def generate_pairs(cfg: dict, teacher_path: str | Path | None = None, store: str
     grid = teacher.grid(t["steps"], t["schedule"])
     bf16 = use_bf16(cfg, device)
     meta = {
-        "teacher": {"sha256": file_sha256(teacher_path), "path": str(teacher_path), "kind": tmeta["teacher"]["kind"],
+        "teacher": {"sha256": path_sha256(teacher_path), "path": str(teacher_path), "kind": tmeta["teacher"]["kind"],
                     "config": tmeta["config"]["teacher"]},
         "solver": t["solver"], "steps": t["steps"], "schedule": t["schedule"], "grid": [float(g) for g in grid],
         "bf16": bf16, "nfe": expected_nfe(t["solver"], t["steps"], teacher.singular_end),
@@ -185,27 +197,28 @@ def real_source(cfg: dict, shape: tuple[int, ...], ncls: int) -> TensorSource:
     """Dataset images {"x", "y" when conditional} as a BatchSource (seed run.seed + 1), for loss terms that compare
     with real data; refused when the dataset's shape or classes differ from the pair store's."""
     data = load_data(cfg)
-    if tuple(data.x.shape[1:]) != tuple(shape) or (ncls and data.num_classes != ncls):
-        raise ValueError(f"data.* ({data.name}: {tuple(data.x.shape[1:])}, {data.num_classes} classes) is not the "
+    if data.data_shape != tuple(shape) or (ncls and data.num_classes != ncls):
+        raise ValueError(f"data.* ({data.name}: {data.data_shape}, {data.num_classes} classes) is not the "
                          f"data of the pair store ({tuple(shape)}, {ncls} classes)")
-    tensors = {"x": data.x} if ncls == 0 else {"x": data.x, "y": data.y}
-    return TensorSource(tensors, seed=cfg["run"]["seed"] + 1)
+    return data.source(cfg["run"]["seed"] + 1, labels=ncls > 0)
 
 
 def store_teacher(manifest: dict, teacher_path: str | Path | None, run: Path) -> Path:
-    """The teacher file that made a pair store, found by its sha256: `teacher_path` if given, else RUN/teacher,
-    else the path the store recorded. Raises ValueError when the file found is another teacher."""
+    """The teacher file (or diffusers folder) that made a pair store, found by its sha256 (lmm.io.path_sha256):
+    `teacher_path` if given, else RUN/teacher, else the path the store recorded. Raises ValueError when the one
+    found is another teacher."""
     want = manifest["teacher"]["sha256"]
+    recorded = manifest["teacher"].get("path")
     candidates = [Path(teacher_path)] if teacher_path else [run / "teacher" / "model.safetensors",
-                                                             Path(manifest["teacher"].get("path", ""))]
-    found = [p for p in candidates if p.is_file()]
+                                                             *([Path(recorded)] if recorded else [])]
+    found = [p for p in candidates if p.is_file() or p.is_dir()]
     for path in found:
-        if file_sha256(path) == want:
+        if path_sha256(path) == want:
             return path
     if not found:
         raise FileNotFoundError(f"the pair store's teacher (sha256 {want[:12]}...) is not at "
                                 f"{' or '.join(map(str, candidates))}; pass --teacher FILE, or set student.init=scratch")
-    raise ValueError(f"{found[0]} is not the teacher that made the pair store (sha256 {file_sha256(found[0])[:12]}... "
+    raise ValueError(f"{found[0]} is not the teacher that made the pair store (sha256 {path_sha256(found[0])[:12]}... "
                      f"!= {want[:12]}...); pass --teacher with the right file, or set student.init=scratch")
 
 

@@ -23,7 +23,7 @@ TINY = ["teacher.net.channels=8", "student.net.channels=8", "run.progress=false"
         "teacher.train.steps=4", "student.train.steps=4", "teacher.train.batch_size=16", "student.train.batch_size=16",
         "teacher.train.ckpt_every=4", "student.train.ckpt_every=4", "pairs.n=96", "pairs.shard_size=64",
         "pairs.batch_size=64", "eval.n=32"]
-SMOKE_TESTED = {"ablate_student.py", "bench_bf16.py", "bench_features.py", "bench_nets.py",
+SMOKE_TESTED = {"ablate_student.py", "bench_bf16.py", "bench_features.py", "bench_nets.py", "edm_costs.py",
                 "bench_pairstore_memory.py", "bench_pipeline_speed.py", "teacher_solvers.py"}
 
 
@@ -170,9 +170,20 @@ def test_bench_pipeline_speed():
 def test_teacher_solvers(tiny_run, tmp_path):
     out = tmp_path / "rows.json"
     stdout = _bench("teacher_solvers.py", "--run", tiny_run, *TINY, "--samplers", "euler:2:edm,heun:2:trimmed",
-                    "-n", "16", "--err-n", "4", "--ref-steps", "8", "--out", out)
+                    "-n", "16", "--err-n", "4", "--ref", "dpm++2m:8:trimmed", "--out", out)
     assert "| solver | steps | schedule | NFE | rel. error | fd_pixel | precision | recall |" in stdout
     rows = json.loads(out.read_text())
     assert [(r["solver"], r["steps"], r["schedule"], r["nfe"]) for r in rows] == [
         ("euler", 2, "edm", 2), ("heun", 2, "trimmed", 3)]
     assert all(math.isfinite(r["err"]) and math.isfinite(r["fd_pixel"]) for r in rows)
+    stdout = _bench("teacher_solvers.py", "--run", tiny_run, *TINY, "--samplers", "dpm++2m:3:trimmed", "-n", "0",
+                    "--err-n", "4", "--ref", "heun:4:edm", "--teacher", Path(tiny_run) / "teacher" / "model.safetensors")
+    assert "err against heun 4 steps (edm, 7 NFE, float64)" in stdout and "| dpm++2m | 3 | trimmed | 3 |" in stdout
+
+
+def test_edm_costs():
+    stdout = _bench("edm_costs.py", "--presets", "configs/cifar10-uncond-edm.toml", "--batch", "1", "--repeats", "1")
+    row = next(line for line in stdout.splitlines() if line.startswith("| cifar10-uncond-edm.toml |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == "55.73" and float(cells[2]) > 1 and cells[4] == "17" and cells[6] == "1,000,000"
+    assert float(cells[7]) > 0 and float(cells[8]) > 0

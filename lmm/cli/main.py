@@ -172,6 +172,16 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print(demo.run_demo(cfg))
 
 
+def cmd_convert_edm(args: argparse.Namespace) -> None:
+    if not args.trust_pickle:
+        raise ValueError(f"{args.snapshot}: EDM pickles carry Python code that a plain unpickler would run; lmm reads "
+                         "them with a restricted unpickler that runs none and refuses unknown classes. Pass "
+                         "--trust-pickle to confirm you want this file read")
+    from lmm.convert import convert_edm
+
+    print(convert_edm(args.snapshot, args.out))
+
+
 def cmd_report(args: argparse.Namespace) -> None:
     from lmm.report import build_report
 
@@ -270,6 +280,20 @@ def build_parser() -> argparse.ArgumentParser:
                                    "and write RUN_DIR/report.html.", epilog=CONFIG_HELP, formatter_class=fmt)
     _add_config_args(p)
     p.set_defaults(func=cmd_demo)
+
+    convert = sub.add_parser("convert", help="convert other libraries' checkpoints into lmm model files"
+                             ).add_subparsers(dest="convert_command", required=True, metavar="FORMAT")
+    p = convert.add_parser("edm", help="an NVlabs EDM network pickle -> an lmm teacher", formatter_class=fmt,
+                           description="Read the 'ema' network of an EDM pickle (EDMPrecond, VPPrecond or VEPrecond "
+                                       "around SongUNet / DhariwalUNet) with a restricted unpickler that executes "
+                                       "nothing, and write OUT/model.safetensors + model.json: a teacher whose sampler "
+                                       "is EDM's (Heun, 18 steps = 35 NFE, sigma 80 -> 0.002, rho 7). Use it with "
+                                       "`lmm pairs --teacher OUT` and `lmm sample/eval --model OUT`.")
+    p.add_argument("snapshot", type=Path, help="EDM pickle, e.g. edm-cifar10-32x32-uncond-vp.pkl")
+    p.add_argument("out", type=Path, help="output folder for model.safetensors + model.json")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="required: confirms reading a pickle (with the restricted unpickler; nothing is executed)")
+    p.set_defaults(func=cmd_convert_edm)
 
     p = sub.add_parser("report", help="build RUN_DIR/report.html from a run folder")
     p.add_argument("run_dir", type=Path, help="run folder (e.g. runs/demo)")

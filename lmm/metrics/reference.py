@@ -18,12 +18,14 @@ FORMAT_VERSION = 2
 
 
 def hash_images(images: Tensor | np.ndarray) -> str:
-    """sha256 of uint8 images (N, H, W, C): the shape as text, then the raw bytes in C order."""
-    arr = images.detach().cpu().numpy() if isinstance(images, Tensor) else np.asarray(images)
+    """sha256 of uint8 images (N, H, W, C): the shape as text, then the raw bytes in C order, read in chunks of
+    rows so that a memory-mapped or chunked array is never copied whole."""
+    arr = images.detach().cpu().numpy() if isinstance(images, Tensor) else images
     if arr.dtype != np.uint8:
         raise TypeError(f"hash_images: images must be uint8, got dtype {arr.dtype}")
     h = hashlib.sha256(f"uint8{tuple(arr.shape)}".encode())
-    h.update(np.ascontiguousarray(arr).tobytes())
+    for start in range(0, arr.shape[0], 4096):
+        h.update(np.ascontiguousarray(arr[start:start + 4096]).tobytes())
     return h.hexdigest()
 
 

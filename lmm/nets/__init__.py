@@ -7,10 +7,11 @@ from typing import Any
 
 from torch import nn
 
+from lmm.nets.edm import DhariwalUNet, SongUNet
 from lmm.nets.mlp import MLP
 from lmm.nets.unet import UNet
 
-NETS: dict[str, type[nn.Module]] = {"unet": UNet, "mlp": MLP}
+NETS: dict[str, type[nn.Module]] = {"unet": UNet, "mlp": MLP, "songunet": SongUNet, "dhariwalunet": DhariwalUNet}
 
 
 def net_keys(kind: str) -> list[str]:
@@ -35,4 +36,4 @@ def build_net(cfg: dict[str, Any], data_shape: tuple[int, ...], num_classes: int
     return NETS[kind](tuple(data_shape), int(num_classes), **kwargs)
 
 
-__all__ = ["MLP", "UNet", "build_net", "net_keys", "NETS"]
+__all__ = ["DhariwalUNet", "MLP", "SongUNet", "UNet", "build_net", "net_keys", "NETS"]

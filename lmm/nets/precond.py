@@ -34,12 +34,30 @@ def lines_coefficients(t: Tensor, sigma_data: float = 0.5) -> tuple[Tensor, Tens
     return t * sd2 / var, sigma_data * (1 - t) / var.sqrt(), var.rsqrt()
 
 
-def edm_coefficients(sigma: Tensor, sigma_data: float = 0.5) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(c_skip, c_out, c_in, c_noise) of EDM (Karras et al. 2022, table 1), each shaped like sigma.
-    c_noise = ln(sigma)/4 is floored at sigma = 1e-20 so that sigma = 0 (c_out = 0) stays finite."""
-    sd2 = sigma_data**2
-    var = sigma**2 + sd2
-    return sd2 / var, sigma * sigma_data / var.sqrt(), var.rsqrt(), sigma.clamp_min(1e-20).log() / 4
+DENOISERS = ("edm", "vp", "ve")
+VP_BETA_D, VP_BETA_MIN, VP_M = 19.9, 0.1, 1000
+
+
+def edm_coefficients(sigma: Tensor, sigma_data: float = 0.5, denoiser: str = "edm"
+                     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(c_skip, c_out, c_in, c_noise) of a denoiser D = c_skip x + c_out F(c_in x, c_noise), each shaped like sigma
+    (Karras et al. 2022, table 1):
+    - "edm": c_skip = sd^2 / (sigma^2 + sd^2), c_out = sigma sd / sqrt(sigma^2 + sd^2), c_in = 1 / sqrt(sigma^2 + sd^2),
+      c_noise = ln(sigma) / 4;
+    - "vp": 1, -sigma, 1 / sqrt(sigma^2 + 1), (M - 1) t(sigma) with VP's t(sigma) (beta_d 19.9, beta_min 0.1, M 1000);
+    - "ve": 1, sigma, 1, ln(sigma / 2).
+    Logarithms are floored at sigma = 1e-20 so that sigma = 0 (c_out = 0) stays finite."""
+    if denoiser == "edm":
+        sd2 = sigma_data**2
+        var = sigma**2 + sd2
+        return sd2 / var, sigma * sigma_data / var.sqrt(), var.rsqrt(), sigma.clamp_min(1e-20).log() / 4
+    one = torch.ones_like(sigma)
+    if denoiser == "vp":
+        t = ((VP_BETA_MIN**2 + 2 * VP_BETA_D * sigma.square().log1p()).sqrt() - VP_BETA_MIN) / VP_BETA_D
+        return one, -sigma, (sigma**2 + 1).rsqrt(), (VP_M - 1) * t
+    if denoiser == "ve":
+        return one, sigma, one, (0.5 * sigma).clamp_min(1e-20).log()
+    raise ValueError(f"unknown denoiser {denoiser!r}; valid: {', '.join(DENOISERS)}")
 
 
 def edm_line_scale(t: Tensor, sigma_max: float) -> tuple[Tensor, Tensor]:
@@ -54,9 +72,10 @@ def edm_line_scale(t: Tensor, sigma_max: float) -> tuple[Tensor, Tensor]:
     return scale, sigma
 
 
-def edm_denoise(net: nn.Module, x: Tensor, sigma: Tensor, sigma_data: float, y: Tensor | None = None) -> Tensor:
-    """EDM's D(x; sigma) = c_skip x + c_out F(c_in x, ln(sigma)/4, y) of a raw net F; x (B, ...), sigma (B,)."""
-    c_skip, c_out, c_in, c_noise = edm_coefficients(sigma, sigma_data)
+def edm_denoise(net: nn.Module, x: Tensor, sigma: Tensor, sigma_data: float, y: Tensor | None = None,
+                denoiser: str = "edm") -> Tensor:
+    """D(x; sigma) = c_skip x + c_out F(c_in x, c_noise, y) of a raw net F (`edm_coefficients`); x (B, ...), sigma (B,)."""
+    c_skip, c_out, c_in, c_noise = edm_coefficients(sigma, sigma_data, denoiser)
     return bcast(c_skip, x) * x + bcast(c_out, x) * net(bcast(c_in, x) * x, c_noise, y)
 
 
@@ -83,14 +102,18 @@ class VelocityModel(_Wrapper):
 
 
 class EDMDenoiser(_Wrapper):
-    """EDM denoiser D(x; sigma) = c_skip x + c_out F(c_in x, ln(sigma)/4, y); x (B, ...), sigma (B,)."""
+    """Denoiser D(x; sigma) = c_skip x + c_out F(c_in x, c_noise, y) with the coefficients of `denoiser` ("edm", or
+    the "vp" / "ve" preconditioning of EDM's baseline networks); x (B, ...), sigma (B,)."""
 
-    def __init__(self, net: nn.Module, sigma_data: float = 0.5) -> None:
+    def __init__(self, net: nn.Module, sigma_data: float = 0.5, denoiser: str = "edm") -> None:
         super().__init__(net)
+        if denoiser not in DENOISERS:
+            raise ValueError(f"unknown denoiser {denoiser!r}; valid: {', '.join(DENOISERS)}")
         self.sigma_data = float(sigma_data)
+        self.denoiser = denoiser
 
     def forward(self, x: Tensor, sigma: Tensor, y: Tensor | None = None) -> Tensor:
-        return edm_denoise(self.net, x, batch_times(sigma, x), self.sigma_data, y)
+        return edm_denoise(self.net, x, batch_times(sigma, x), self.sigma_data, y, self.denoiser)
 
 
 PRECONDS = ("edm", "velocity", "lines", "none")
@@ -101,8 +124,8 @@ class LinesModel(_Wrapper):
 
     precond (how the raw net F is wrapped; the first two are the teachers' own parameterisations, so a
     student that starts from a teacher's weights starts as exactly that teacher's endpoint predictor):
-    - "edm": x1_hat = D(s x_t; sigma) with EDM's denoiser D (`edm_coefficients`, noise label ln(sigma)/4)
-      and (s, sigma) from `edm_line_scale` (sigma = (1-t)/t clamped at sigma_max);
+    - "edm": x1_hat = D(s x_t; sigma) with the denoiser D of an EDM-kind teacher (`edm_coefficients` of
+      `denoiser`) and (s, sigma) from `edm_line_scale` (sigma = (1-t)/t clamped at sigma_max);
     - "velocity": x1_hat = x_t + (1-t) F(x_t, 1000 t, y), a flow-matching teacher's endpoint;
     - "lines": x1_hat = c_skip(t) x_t + c_out(t) F(c_in(t) x_t, 1000 t, y) (`lines_coefficients`);
     - "none": x1_hat = F(x_t, 1000 t, y).
@@ -110,19 +133,22 @@ class LinesModel(_Wrapper):
     """
 
     def __init__(self, net: nn.Module, sigma_data: float = 0.5, precond: str = "lines",
-                 sigma_max: float = 80.0) -> None:
+                 sigma_max: float = 80.0, denoiser: str = "edm") -> None:
         super().__init__(net)
         if precond not in PRECONDS:
             raise ValueError(f"unknown student precond {precond!r}; valid: {', '.join(PRECONDS)}")
+        if denoiser not in DENOISERS:
+            raise ValueError(f"unknown denoiser {denoiser!r}; valid: {', '.join(DENOISERS)}")
         self.sigma_data = float(sigma_data)
         self.precond = precond
         self.sigma_max = float(sigma_max)
+        self.denoiser = denoiser
 
     def forward(self, x_t: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         t = batch_times(t, x_t)
         if self.precond == "edm":
             scale, sigma = edm_line_scale(t, self.sigma_max)
-            return edm_denoise(self.net, bcast(scale, x_t) * x_t, sigma, self.sigma_data, y)
+            return edm_denoise(self.net, bcast(scale, x_t) * x_t, sigma, self.sigma_data, y, self.denoiser)
         if self.precond == "velocity":
             return x_t + bcast(1 - t, x_t) * self.net(x_t, 1000 * t, y)
         if self.precond == "none":
@@ -138,6 +164,7 @@ class LinesModel(_Wrapper):
 
 
 __all__ = [
+    "DENOISERS",
     "EDMDenoiser",
     "LinesModel",
     "VelocityModel",

@@ -21,7 +21,8 @@ class Lines(Objective):
     loss_options: {term: {option: value}} for the terms' constructors. distance: the single term of model files
     written before `loss` existed.
     precond: the student's parameterisation (lmm.nets.precond.LinesModel: "edm", "velocity", "lines", "none");
-    sigma_max and sigma_data are an "edm" student's (its teacher's) and also set "lines"' c_skip/c_out.
+    sigma_max, sigma_data and denoiser ("edm" | "vp" | "ve") are an "edm" student's (its teacher's); sigma_data also
+    sets "lines"' c_skip/c_out.
     time_sampling: "uniform" U[0, 1) | "logit_normal" sigmoid(N(logit_mean, logit_std^2)) |
     "grid" uniform over the sampler grid `grid` (e.g. (0.0,) for NFE 1, (0.0, 0.5) for NFE 2).
     weighting: "none" | "balanced", w(t) = sd^2 / c_out(t)^2 = ((1-t)^2 + t^2 sd^2) / (1-t)^2, which
@@ -46,6 +47,7 @@ class Lines(Objective):
         sigma_max: float = 80.0,
         loss_options: dict[str, dict] | None = None,
         distance: str | None = None,
+        denoiser: str = "edm",
     ) -> None:
         super().__init__()
         if loss is None:
@@ -75,6 +77,7 @@ class Lines(Objective):
         self.sigma_data = float(sigma_data)
         self.precond = precond
         self.sigma_max = float(sigma_max)
+        self.denoiser = denoiser
 
     def setup(self, data_shape: tuple[int, ...], num_classes: int, reals=None) -> None:
         """Load the networks of the loss terms (see lmm.losses.base.LossTerm.setup)."""
@@ -85,7 +88,8 @@ class Lines(Objective):
         return [p for term in self.terms.values() for p in term.phases()]
 
     def build_model(self, net: nn.Module) -> nn.Module:
-        return LinesModel(net, sigma_data=self.sigma_data, precond=self.precond, sigma_max=self.sigma_max)
+        return LinesModel(net, sigma_data=self.sigma_data, precond=self.precond, sigma_max=self.sigma_max,
+                          denoiser=self.denoiser)
 
     def sample_t(self, n: int, like: Tensor) -> Tensor:
         """(n,) line times with like's dtype/device."""

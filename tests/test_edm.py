@@ -1,0 +1,301 @@
+"""NVlabs EDM networks, preconditioners, `lmm convert edm` and EDM's sampler as a teacher.
+
+EDM pickles are written here in their exact structure: every network module is a persistent object, pickled as
+`torch_utils.persistence._reconstruct_persistent_obj(meta)` with meta = {type, version, module_src, class_name,
+state = the module's __dict__}, the preconditioner's submodule is `model`, containers are plain torch modules,
+the top level is {"ema", "loss_fn", "augment_pipe", "dataset_kwargs" (a dnnlib.util.EasyDict)}.
+"""
+from __future__ import annotations
+
+import math
+import os
+import pickle
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from lmm.cli.main import main
+from lmm.convert import read_edm_pickle
+from lmm.models import load_model
+from lmm.nets import build_net
+from lmm.nets.edm import PUBLISHED, DhariwalUNet, SongUNet
+from lmm.nets.precond import EDMDenoiser, edm_coefficients
+from lmm.teachers import EDMTeacher, sample_teacher
+
+# Parameter counts of the published EDM networks, in millions (EDM paper, table of model capacities).
+PUBLISHED_MPARAMS = {"cifar10-32x32-uncond": 55.73, "cifar10-32x32-cond": 55.73, "afhqv2-64x64-uncond": 61.80,
+                     "imagenet-64x64-cond": 295.90}
+# State-dict entries of the published layout: (key, shape) of the raw network (`model.` in the pickles).
+PUBLISHED_KEYS = {
+    "cifar10-32x32-uncond": [("map_noise", None), ("map_augment.weight", (128, 9)), ("map_layer0.weight", (512, 128)),
+                             ("enc.32x32_conv.weight", (128, 3, 3, 3)), ("enc.32x32_block0.conv0.weight", (256, 128, 3, 3)),
+                             ("enc.32x32_block0.skip.weight", (256, 128, 1, 1)), ("enc.16x16_down.skip.weight", (256, 256, 1, 1)),
+                             ("enc.16x16_down.conv0.resample_filter", (1, 1, 2, 2)), ("enc.16x16_block0.qkv.weight", (768, 256, 1, 1)),
+                             ("enc.8x8_block3.affine.weight", (256, 512)), ("dec.8x8_in0.proj.weight", (256, 256, 1, 1)),
+                             ("dec.16x16_up.conv0.resample_filter", (1, 1, 2, 2)), ("dec.16x16_block4.norm2.weight", (256,)),
+                             ("dec.32x32_block0.conv0.weight", (256, 512, 3, 3)), ("dec.32x32_aux_norm.weight", (256,)),
+                             ("dec.32x32_aux_conv.weight", (3, 256, 3, 3))],
+    "cifar10-32x32-cond": [("map_label.weight", (128, 10)), ("map_label.bias", (128,))],
+    "afhqv2-64x64-uncond": [("enc.64x64_conv.weight", (128, 3, 3, 3)), ("enc.64x64_block3.conv1.weight", (128, 128, 3, 3)),
+                            ("enc.16x16_block0.qkv.weight", (768, 256, 1, 1)), ("dec.64x64_aux_conv.weight", (3, 128, 3, 3))],
+    "imagenet-64x64-cond": [("map_label.weight", (768, 1000)), ("map_layer0.weight", (768, 192)),
+                            ("enc.64x64_conv.weight", (192, 3, 3, 3)), ("enc.32x32_block0.norm2.weight", (384,)),
+                            ("enc.8x8_block2.qkv.weight", (2304, 768, 1, 1)), ("dec.8x8_in0.qkv.bias", (2304,)),
+                            ("dec.64x64_block3.conv0.weight", (192, 384, 3, 3)), ("out_conv.weight", (3, 192, 3, 3))],
+}
+HEAVY = {"imagenet-64x64-cond"}
+
+
+def _edm_modules(monkeypatch):
+    """Fake `torch_utils.persistence` and `dnnlib.util` modules, so that pickle writes their global names."""
+    persistence = types.ModuleType("torch_utils.persistence")
+
+    def _reconstruct_persistent_obj(meta):
+        raise AssertionError("never called: tests only write pickles")
+
+    _reconstruct_persistent_obj.__module__ = "torch_utils.persistence"
+    _reconstruct_persistent_obj.__qualname__ = "_reconstruct_persistent_obj"
+    persistence._reconstruct_persistent_obj = _reconstruct_persistent_obj
+    util = types.ModuleType("dnnlib.util")
+    easy = type("EasyDict", (dict,), {"__module__": "dnnlib.util"})
+    util.EasyDict = easy
+    for name, mod in {"torch_utils": types.ModuleType("torch_utils"), "torch_utils.persistence": persistence,
+                      "dnnlib": types.ModuleType("dnnlib"), "dnnlib.util": util}.items():
+        monkeypatch.setitem(sys.modules, name, mod)
+    return _reconstruct_persistent_obj, easy
+
+
+class _EDMPickler(pickle.Pickler):
+    """Pickles lmm's EDM modules as EDM's persistent objects; `top_kwargs` are the preconditioner's init kwargs."""
+
+    def __init__(self, f, reconstruct, top: nn.Module, top_name: str, top_kwargs: dict):
+        super().__init__(f, protocol=pickle.DEFAULT_PROTOCOL)
+        self.reconstruct, self.top, self.top_name, self.top_kwargs = reconstruct, top, top_name, top_kwargs
+
+    def reducer_override(self, obj):
+        if not isinstance(obj, nn.Module) or isinstance(obj, (nn.ModuleDict, nn.ModuleList, nn.Sequential)):
+            return NotImplemented
+        state = dict(obj.__dict__)
+        if obj is self.top:
+            state["_modules"] = {"model": obj.net}
+            name, kwargs = self.top_name, self.top_kwargs
+        else:
+            name, kwargs = type(obj).__name__, {}
+        state.update(_init_args=(), _init_kwargs=kwargs)
+        meta = dict(type="class", version=6, module_src="raise SystemExit('EDM source must never run')\n",
+                    class_name=name, state=state)
+        return self.reconstruct, (meta,)
+
+
+def write_edm_pickle(path: Path, monkeypatch, net: nn.Module, precond: str, precond_kwargs: dict,
+                     extra: dict | None = None) -> None:
+    reconstruct, easy = _edm_modules(monkeypatch)
+    top = EDMDenoiser(net)
+    data = {"ema": top, "loss_fn": None, "augment_pipe": None,
+            "dataset_kwargs": easy(class_name="training.dataset.ImageFolderDataset", path="cifar10-32x32.zip"),
+            **(extra or {})}
+    with open(path, "wb") as f:
+        _EDMPickler(f, reconstruct, top, precond, precond_kwargs).dump(data)
+
+
+def _published(name: str, seed: int = 0) -> tuple[nn.Module, dict]:
+    kind, cfg, shape, ncls = PUBLISHED[name]
+    torch.manual_seed(seed)
+    net = build_net({"kind": kind, **cfg}, shape, ncls)
+    kwargs = dict(img_resolution=shape[1], img_channels=shape[0], label_dim=ncls, use_fp16=False, sigma_min=0,
+                  sigma_max=float("inf"), sigma_data=0.5, model_type=type(net).__name__, **cfg)
+    if kind == "songunet":
+        kwargs.update(embedding_type="positional", encoder_type="standard", decoder_type="standard",
+                      channel_mult_noise=1, resample_filter=[1, 1], model_channels=128,
+                      channel_mult=cfg.get("channel_mult", [2, 2, 2]))
+    else:
+        kwargs.update(model_channels=192, channel_mult=[1, 2, 3, 4])
+    return net, kwargs
+
+
+@pytest.mark.parametrize("name", list(PUBLISHED))
+def test_published_networks_match_their_layout(name):
+    net, _ = _published(name)
+    n = sum(p.numel() for p in net.parameters())
+    assert abs(n / 1e6 - PUBLISHED_MPARAMS[name]) < 0.01, n
+    state = net.state_dict()
+    for key, shape in PUBLISHED_KEYS[name]:
+        if shape is None:
+            assert not any(k.startswith(key) for k in state), key
+        else:
+            assert tuple(state[key].shape) == shape, key
+
+
+@pytest.mark.parametrize("name", list(PUBLISHED))
+def test_convert_published_network_round_trip_and_sample(name, tmp_path, monkeypatch):
+    net, kwargs = _published(name, seed=1)
+    for p in net.parameters():  # EDM zero-initialises output layers: randomise all so the check means something
+        p.data.normal_(0, 0.05)
+    pkl = tmp_path / "network-snapshot.pkl"
+    write_edm_pickle(pkl, monkeypatch, net, "EDMPrecond", kwargs)
+    out = tmp_path / "teacher"
+    assert main(["convert", "edm", str(pkl), str(out), "--trust-pickle"]) == 0
+    teacher, meta = load_model(out)
+    assert isinstance(teacher, EDMTeacher) and meta["source"]["class_name"] == "EDMPrecond"
+    assert (meta["teacher"]["solver"], meta["teacher"]["steps"], meta["teacher"]["schedule"]) == ("heun", 18, "edm")
+    got = teacher.model.net.state_dict()
+    assert got.keys() == net.state_dict().keys()
+    assert all(torch.equal(got[k], v) for k, v in net.state_dict().items())
+    shape, ncls = PUBLISHED[name][2], PUBLISHED[name][3]
+    z = torch.randn(1, *shape, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([ncls - 1]) if ncls else None
+    if name in HEAVY:
+        x = teacher.endpoint(80 * z, torch.tensor(80.0), y)
+    else:
+        x = sample_teacher(teacher, z, 2, "heun", y).x
+    assert x.shape == (1, *shape) and torch.isfinite(x).all()
+
+
+def _tiny_song(**kw) -> SongUNet:
+    torch.manual_seed(0)
+    net = SongUNet((3, 8, 8), 0, model_channels=8, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4],
+                   dropout=0.0, **kw)
+    for p in net.parameters():
+        p.data.normal_(0, 0.1)
+    return net.eval()
+
+
+TINY = dict(img_resolution=8, img_channels=3, label_dim=0, use_fp16=False, model_type="SongUNet", model_channels=8,
+            channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], dropout=0.0)
+
+
+@pytest.mark.parametrize("arch", [dict(), dict(embedding_type="fourier", channel_mult_noise=2, encoder_type="residual",
+                                                resample_filter=[1, 3, 3, 1]),
+                                  dict(encoder_type="skip", decoder_type="skip")])
+def test_songunet_variants_convert(arch, tmp_path, monkeypatch):
+    net = _tiny_song(**arch)
+    pkl = tmp_path / "s.pkl"
+    write_edm_pickle(pkl, monkeypatch, net, "EDMPrecond", {**TINY, **arch, "sigma_data": 0.5})
+    assert main(["convert", "edm", str(pkl), str(tmp_path / "t"), "--trust-pickle"]) == 0
+    teacher, _ = load_model(tmp_path / "t")
+    x, sigma = torch.randn(2, 3, 8, 8), torch.tensor([0.3, 7.0])
+    torch.testing.assert_close(teacher.model(x, sigma), EDMDenoiser(net)(x, sigma))
+
+
+@pytest.mark.parametrize("precond, denoiser", [("VPPrecond", "vp"), ("VEPrecond", "ve")])
+def test_vp_and_ve_preconditioners(precond, denoiser, tmp_path, monkeypatch):
+    net = _tiny_song()
+    pkl = tmp_path / "b.pkl"
+    extra = dict(beta_d=19.9, beta_min=0.1, M=1000, epsilon_t=1e-5) if denoiser == "vp" else dict(sigma_min=0.02,
+                                                                                                 sigma_max=100)
+    write_edm_pickle(pkl, monkeypatch, net, precond, {**TINY, **extra})
+    assert main(["convert", "edm", str(pkl), str(tmp_path / "t"), "--trust-pickle"]) == 0
+    teacher, meta = load_model(tmp_path / "t")
+    assert meta["objective_kwargs"]["denoiser"] == denoiser
+    assert teacher.sigma_min == (0.002 if denoiser == "vp" else 0.02) and teacher.sigma_max == 80.0
+    x, sigma = torch.randn(2, 3, 8, 8), torch.tensor([0.5, 20.0])
+    s = sigma.reshape(-1, 1, 1, 1)
+    if denoiser == "vp":  # EDM's VPPrecond: D = x - sigma F(x / sqrt(sigma^2 + 1), 999 t(sigma))
+        t = ((0.1**2 + 2 * 19.9 * (1 + sigma**2).log()).sqrt() - 0.1) / 19.9
+        want = x - s * net(x / (s**2 + 1).sqrt(), 999 * t)
+    else:  # EDM's VEPrecond: D = x + sigma F(x, ln(sigma / 2))
+        want = x + s * net(x, (0.5 * sigma).log())
+    torch.testing.assert_close(teacher.model(x, sigma), want, atol=1e-5, rtol=1e-5)
+
+
+def test_convert_refuses_without_flag_and_unknown_globals(tmp_path, monkeypatch, capsys):
+    pkl = tmp_path / "s.pkl"
+    write_edm_pickle(pkl, monkeypatch, _tiny_song(), "EDMPrecond", TINY)
+    assert main(["convert", "edm", str(pkl), str(tmp_path / "t")]) == 2
+    assert "--trust-pickle" in capsys.readouterr().err and not (tmp_path / "t").exists()
+
+    marker = tmp_path / "executed"
+
+    class Evil:
+        def __reduce__(self):
+            return os.mkdir, (str(marker),)
+
+    write_edm_pickle(pkl, monkeypatch, _tiny_song(), "EDMPrecond", TINY, extra={"augment_pipe": Evil()})
+    assert main(["convert", "edm", str(pkl), str(tmp_path / "t"), "--trust-pickle"]) == 2
+    err = capsys.readouterr().err
+    assert f"{pkl}: refuses to load global '{os.mkdir.__module__}.mkdir'" in err
+    assert not marker.exists() and not (tmp_path / "t").exists()
+
+
+def test_convert_errors_name_the_file_and_write_nothing(tmp_path, monkeypatch, capsys):
+    pkl = tmp_path / "s.pkl"
+    write_edm_pickle(pkl, monkeypatch, _tiny_song(), "EDMPrecond", {**TINY, "model_channels": 16})
+    out = tmp_path / "t"
+    assert main(["convert", "edm", str(pkl), str(out), "--trust-pickle"]) == 2
+    assert f"{pkl}: its weights do not match the songunet" in capsys.readouterr().err and not out.exists()
+
+    write_edm_pickle(pkl, monkeypatch, _tiny_song(), "iDDPMPrecond", TINY)
+    assert main(["convert", "edm", str(pkl), str(out), "--trust-pickle"]) == 2
+    assert "'ema' is a iDDPMPrecond" in capsys.readouterr().err and not out.exists()
+
+    write_edm_pickle(pkl, monkeypatch, _tiny_song(), "EDMPrecond", TINY)
+    pkl.write_bytes(pkl.read_bytes()[: pkl.stat().st_size // 2])
+    assert main(["convert", "edm", str(pkl), str(out), "--trust-pickle"]) == 2
+    assert f"{pkl}: not a readable EDM pickle" in capsys.readouterr().err and not out.exists()
+
+    torch.save({"ema": torch.zeros(1)}, pkl)
+    with pytest.raises(ValueError, match="s.pkl"):
+        read_edm_pickle(pkl)
+
+
+def _edm_heun_reference(denoise, z: torch.Tensor, steps: int = 18) -> torch.Tensor:
+    """EDM's deterministic sampler (its paper's Algorithm 1, sigma(t) = t, s(t) = 1), written out in float64."""
+    i = torch.arange(steps, dtype=torch.float64)
+    t = (80 ** (1 / 7) + i / (steps - 1) * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7
+    t = torch.cat([t, torch.zeros(1, dtype=torch.float64)])
+    x = z.double() * t[0]
+    for k in range(steps):
+        d = (x - denoise(x.float(), t[k]).double()) / t[k]
+        x_next = x + (t[k + 1] - t[k]) * d
+        if k < steps - 1:
+            d2 = (x_next - denoise(x_next.float(), t[k + 1]).double()) / t[k + 1]
+            x_next = x + (t[k + 1] - t[k]) * (0.5 * d + 0.5 * d2)
+        x = x_next
+    return x
+
+
+def test_edm_sampler_as_teacher_matches_edm_algorithm():
+    """A converted-style teacher with EDM's defaults (Heun, 18 steps, 35 NFE) follows EDM's Algorithm 1."""
+    torch.manual_seed(0)
+    net = DhariwalUNet((3, 8, 8), 4, model_channels=8, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4],
+                       dropout=0.0).eval()
+    for p in net.parameters():
+        p.data.normal_(0, 0.05)
+    model = EDMDenoiser(net).eval()
+    teacher = EDMTeacher(model)
+    z, y = torch.randn(3, 3, 8, 8), torch.tensor([0, 3, 1])
+    with torch.no_grad():
+        sol = sample_teacher(teacher, z, 18, "heun", y)
+        want = _edm_heun_reference(lambda x, s: model(x, s.float(), y), z)
+    assert sol.nfe == 35
+    torch.testing.assert_close(sol.x.double(), want, atol=1e-4, rtol=0)
+
+
+class _GaussianDenoiser(nn.Module):
+    """The exact denoiser of N(mu, s^2 I): D(x; sigma) = mu + s^2 / (s^2 + sigma^2) (x - mu), written as an EDM net."""
+
+    def __init__(self, mu: float, s: float):
+        super().__init__()
+        self.mu, self.s = mu, s
+
+    def forward(self, x_in, noise_label, class_labels=None):
+        sigma = (4 * noise_label).exp().reshape(-1, 1)
+        c_skip, c_out, c_in, _ = (c.reshape(-1, 1) for c in edm_coefficients(sigma.flatten()))
+        x = x_in / c_in
+        d = self.mu + self.s**2 / (self.s**2 + sigma**2) * (x - self.mu)
+        return (d - c_skip * x) / c_out
+
+
+@pytest.mark.parametrize("method, steps", [("heun", 512), ("dpm++2m", 1024)])
+def test_samplers_reproduce_the_gaussian_closed_form(method, steps):
+    """x(0) = mu + (sigma_max z - mu) s / sqrt(s^2 + sigma_max^2), to 1e-4 with enough steps (float64)."""
+    mu, s = 0.3, 0.5
+    z = torch.randn(128, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    teacher = EDMTeacher(EDMDenoiser(_GaussianDenoiser(mu, s)))
+    exact = mu + (80 * z - mu) * s / math.sqrt(s**2 + 80**2)
+    x = sample_teacher(teacher, z, steps, method, schedule="edm").x
+    assert (x - exact).abs().max() < 1e-4
