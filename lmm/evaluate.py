@@ -31,7 +31,7 @@ from lmm.metrics import (
 from lmm.models import load_model
 from lmm.pipeline import load_data, noise_batches, run_dir, sample, save_samples, use_bf16
 from lmm.sampling import grid_for, sample_lines
-from lmm.solvers import steps_within
+from lmm.solvers import DPM_METHODS, steps_within
 from lmm.teachers import Teacher
 
 DISTANCE_KEYS = {"inception": "fid", "proxy": "fd_proxy", "pixel": "fd_pixel"}
@@ -143,9 +143,9 @@ def score(ref: Reference, samples: np.ndarray) -> dict[str, Any]:
 
 
 def _reduces_to_euler(solver: str, steps: int, singular_end: bool) -> bool:
-    """One Heun/RK4 step into a singular end is an Euler step; DPM-Solver++(2M) is first order on its first and
+    """One Heun/RK4 step into a singular end is an Euler step; DPM-Solver++(2M/3M) is first order on its first and
     last steps, so with 1 or 2 steps it is Euler."""
-    return (solver in ("heun", "rk4") and singular_end and steps == 1) or (solver == "dpm++2m" and steps <= 2)
+    return (solver in ("heun", "rk4") and singular_end and steps == 1) or (solver in DPM_METHODS and steps <= 2)
 
 
 def sweep(model: torch.nn.Module | Teacher, nfes: list[int], student_grid: list[float],

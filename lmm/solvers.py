@@ -1,5 +1,5 @@
 """Fixed-grid ODE solvers with exact NFE counting: Runge-Kutta (Euler, Heun, midpoint, RK4) and the
-multistep DPM-Solver++(2M) (Lu et al. 2022).
+multistep DPM-Solver++(2M) and (3M) (Lu et al. 2022).
 
 The Runge-Kutta solvers are generic over any f(x, t) -> dx/dt, where x is a tensor (B, ...) and t a
 0-dim tensor taken from (or between points of) the grid. The grid may increase (flow time) or decrease
@@ -20,8 +20,9 @@ from lmm.progress import progress_bar
 VectorField = Callable[[Tensor, Tensor], Tensor]
 StepCallback = Callable[[int, Tensor, Tensor, Tensor], None]
 RK_METHODS = ("euler", "heun", "midpoint", "rk4")
-METHODS = (*RK_METHODS, "dpm++2m")
-_STAGES = {"euler": 1, "heun": 2, "midpoint": 2, "rk4": 4, "dpm++2m": 1}
+DPM_METHODS = {"dpm++2m": 2, "dpm++3m": 3}
+METHODS = (*RK_METHODS, *DPM_METHODS)
+_STAGES = {"euler": 1, "heun": 2, "midpoint": 2, "rk4": 4, "dpm++2m": 1, "dpm++3m": 1}
 _EVALUATES_AT_END = ("heun", "rk4")
 
 
@@ -136,36 +137,43 @@ def _log_snr(alpha: float, sigma: float) -> float:
     return math.log(alpha / sigma) if alpha > 0 else -math.inf
 
 
-def dpm_solver_2m(
+def dpm_solver(
     denoise: Callable[[Tensor, Tensor], Tensor],
     x0: Tensor,
     grid: Tensor,
     alpha: Tensor,
     sigma: Tensor,
+    order: int = 2,
     return_trajectory: bool = False,
     progress: bool = False,
     callback: StepCallback | None = None,
 ) -> Solution:
-    """DPM-Solver++(2M): multistep second-order solver of the probability-flow ODE of x_t = alpha_t x1 + sigma_t z.
+    """DPM-Solver++(2M) / (3M): multistep solver of the probability-flow ODE of x_t = alpha_t x1 + sigma_t z.
 
     denoise(x, t) -> x1 prediction (B, ...) at grid time t (0-dim); grid (K+1,) from noise to data, with
     alpha, sigma (K+1,) the path's coefficients there (sigma[-1] = 0). With lambda = log(alpha / sigma),
-    h_k = lambda_{k+1} - lambda_k and D_k = denoise(x_k, t_k):
-    x_{k+1} = (sigma_{k+1} / sigma_k) x_k - alpha_{k+1} expm1(-h_k) D'_k, where D'_k = D_k on the first step
-    and (1 + 1/(2 r)) D_k - 1/(2 r) D_{k-1} after it (r = h_{k-1} / h_k); the last step (sigma = 0) is
-    x_K = alpha_K D_K-1 (first order, as DPM-Solver++ and k-diffusion do). NFE = K. alpha_0 = 0 (a flow
-    path starting from pure noise) is allowed. callback(k, x_k, t_k, D_k) as in `solve`.
+    h = lambda_{k+1} - lambda_k, phi1 = expm1(-h) and D_k = denoise(x_k, t_k):
+    x_{k+1} = (sigma_{k+1} / sigma_k) x_k - alpha_{k+1} phi1 D_k + (higher-order terms from the previous D), where
+    order 2 adds -alpha_{k+1} phi1 / 2 * D1 with D1 = (D_k - D_{k-1}) / r0, r0 = h_{k-1} / h (Lu et al. 2022;
+    diffusers' "midpoint" 2M), and order 3 uses D_{k-2} too: with r1 = h_{k-2} / h, D1_0 = (D_k - D_{k-1}) / r0,
+    D1_1 = (D_{k-1} - D_{k-2}) / r1, D1 = D1_0 + r0 / (r0 + r1) (D1_0 - D1_1), D2 = (D1_0 - D1_1) / (r0 + r1):
+    x_{k+1} = (sigma_{k+1} / sigma_k) x_k - alpha_{k+1} (phi1 D_k - phi2 D1 + phi3 D2), phi2 = phi1 / h + 1,
+    phi3 = phi2 / h - 1/2. The first steps use the history they have (first, then second order); the last step
+    (sigma = 0) is x_K = alpha_K D_K-1 (first order, as DPM-Solver++ and k-diffusion do). NFE = K. alpha_0 = 0 (a
+    flow path starting from pure noise) is allowed. callback(k, x_k, t_k, D_k) as in `solve`.
     """
+    if order not in (2, 3):
+        raise ValueError(f"dpm_solver: order must be 2 or 3, got {order!r}")
     grid = _check_grid(grid)
     alpha = torch.as_tensor(alpha, dtype=torch.float64).flatten().tolist()
     sigma = torch.as_tensor(sigma, dtype=torch.float64).flatten().tolist()
     steps = grid.numel() - 1
     if len(alpha) != steps + 1 or len(sigma) != steps + 1 or sigma[-1] != 0 or min(sigma[:-1]) <= 0:
-        raise ValueError("dpm_solver_2m: alpha and sigma need one value per grid point, sigma > 0 but the last = 0")
+        raise ValueError("dpm_solver: alpha and sigma need one value per grid point, sigma > 0 but the last = 0")
     lam = [_log_snr(a, s) for a, s in zip(alpha, sigma)]
-    x, prev, h_prev = x0, None, math.inf
+    x, history, hs = x0, [], []
     trajectory = [x0] if return_trajectory else None
-    for k in progress_bar(iterable=range(steps), desc="dpm++2m solver", enabled=progress, leave=False):
+    for k in progress_bar(iterable=range(steps), desc=f"dpm++{order}m solver", enabled=progress, leave=False):
         d = denoise(x, grid[k])
         if callback is not None:
             callback(k, x, grid[k], d)
@@ -173,11 +181,20 @@ def dpm_solver_2m(
             x = alpha[k + 1] * d
         else:
             h = lam[k + 1] - lam[k]
-            c = 0.0 if prev is None else h / (2 * h_prev)
-            d_eff = d if c == 0.0 else (1 + c) * d - c * prev
-            x = (sigma[k + 1] / sigma[k]) * x - (alpha[k + 1] * math.expm1(-h)) * d_eff
-            h_prev = h
-        prev = d
+            phi1 = math.expm1(-h)
+            x = (sigma[k + 1] / sigma[k]) * x - (alpha[k + 1] * phi1) * d
+            if history and (order == 2 or len(history) == 1):
+                d1 = (d - history[-1]) / (hs[-1] / h)
+                x = x - (0.5 * alpha[k + 1] * phi1) * d1
+            elif history:
+                r0, r1 = hs[-1] / h, hs[-2] / h
+                d1_0, d1_1 = (d - history[-1]) / r0, (history[-1] - history[-2]) / r1
+                d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
+                d2 = (d1_0 - d1_1) / (r0 + r1)
+                phi2 = phi1 / h + 1
+                x = x + (alpha[k + 1] * phi2) * d1 - (alpha[k + 1] * (phi2 / h - 0.5)) * d2
+            hs = (hs + [h])[-2:]
+        history = (history + [d])[-2:]
         if trajectory is not None:
             trajectory.append(x)
     return Solution(x=x, nfe=steps, trajectory=trajectory)

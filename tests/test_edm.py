@@ -290,7 +290,7 @@ class _GaussianDenoiser(nn.Module):
         return (d - c_skip * x) / c_out
 
 
-@pytest.mark.parametrize("method, steps", [("heun", 512), ("dpm++2m", 1024)])
+@pytest.mark.parametrize("method, steps", [("heun", 512), ("dpm++2m", 1024), ("dpm++3m", 256)])
 def test_samplers_reproduce_the_gaussian_closed_form(method, steps):
     """x(0) = mu + (sigma_max z - mu) s / sqrt(s^2 + sigma_max^2), to 1e-4 with enough steps (float64)."""
     mu, s = 0.3, 0.5

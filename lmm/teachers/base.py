@@ -5,7 +5,7 @@ import torch
 from torch import Tensor, nn
 
 from lmm.nets.precond import batch_times
-from lmm.solvers import Solution, dpm_solver_2m, solve
+from lmm.solvers import DPM_METHODS, Solution, dpm_solver, solve
 
 SCHEDULES = ("edm", "trimmed")
 
@@ -83,7 +83,7 @@ def sample_teacher(
     schedule: str = "edm",
 ) -> Solution:
     """Deterministic teacher sample x1 (B, ...) from unit noise z (B, ...) on teacher.grid(steps, schedule),
-    with a Runge-Kutta method of lmm.solvers.solve or "dpm++2m" (lmm.solvers.dpm_solver_2m on the teacher's
+    with a Runge-Kutta method of lmm.solvers.solve or "dpm++2m" / "dpm++3m" (lmm.solvers.dpm_solver on the teacher's
     endpoint prediction and alpha_sigma).
 
     The teacher runs in eval mode (its previous mode is restored). With return_trajectory the
@@ -94,15 +94,15 @@ def sample_teacher(
     endpoints: list[Tensor] | None = [] if return_trajectory else None
 
     def record(k: int, x: Tensor, t: Tensor, v: Tensor) -> None:
-        endpoints.append(v if method == "dpm++2m" else teacher.endpoint_from_velocity(x, t, v))
+        endpoints.append(v if method in DPM_METHODS else teacher.endpoint_from_velocity(x, t, v))
 
     kw = dict(return_trajectory=return_trajectory, progress=progress, callback=record if return_trajectory else None)
     was_training = teacher.training
     teacher.eval()
     try:
-        if method == "dpm++2m":
-            sol = dpm_solver_2m(lambda x, t: teacher.endpoint(x, t, y), teacher.prior(z, grid), grid,
-                                *teacher.alpha_sigma(grid), **kw)
+        if method in DPM_METHODS:
+            sol = dpm_solver(lambda x, t: teacher.endpoint(x, t, y), teacher.prior(z, grid), grid,
+                             *teacher.alpha_sigma(grid), order=DPM_METHODS[method], **kw)
         else:
             sol = solve(lambda x, t: teacher.velocity(x, t, y), teacher.prior(z, grid), grid, method=method,
                         singular_end=teacher.singular_end, **kw)
