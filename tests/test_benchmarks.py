@@ -185,5 +185,5 @@ def test_edm_costs():
     stdout = _bench("edm_costs.py", "--presets", "configs/cifar10-uncond-edm.toml", "--batch", "1", "--repeats", "1")
     row = next(line for line in stdout.splitlines() if line.startswith("| cifar10-uncond-edm.toml |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells[1] == "55.73" and float(cells[2]) > 1 and cells[4] == "17" and cells[6] == "1,000,000"
+    assert cells[1] == "55.73" and float(cells[2]) > 1 and cells[4] == "23" and cells[6] == "1,000,000"
     assert float(cells[7]) > 0 and float(cells[8]) > 0
