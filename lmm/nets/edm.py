@@ -208,6 +208,22 @@ def _label_dropout(labels: Tensor, p: float, training: bool) -> Tensor:
     return labels * (torch.rand(labels.shape[0], 1, device=labels.device) >= p).to(labels.dtype)
 
 
+def _decoder_level(dec: nn.ModuleDict, res: int, lowest: bool, cout: int, out_ch: int, skips: list[int],
+                   attention: list[bool], block: dict) -> int:
+    """Add one decoder level of EDM's U-Nets to `dec`: at the lowest resolution in0 (attention) + in1, elsewhere
+    an up-sampling block, then len(attention) blocks that each take one skip, block i with attention[i]. Returns
+    the level's output channels."""
+    if lowest:
+        dec[f"{res}x{res}_in0"] = UNetBlock(cout, cout, attention=True, **block)
+        dec[f"{res}x{res}_in1"] = UNetBlock(cout, cout, **block)
+    else:
+        dec[f"{res}x{res}_up"] = UNetBlock(cout, cout, up=True, **block)
+    for idx, attn in enumerate(attention):
+        cin, cout = cout + skips.pop(), out_ch
+        dec[f"{res}x{res}_block{idx}"] = UNetBlock(cin, cout, attention=attn, **block)
+    return cout
+
+
 class SongUNet(nn.Module):
     """DDPM++ / NCSN++ U-Net (Song et al. 2021, as configured by EDM); see the module docstring."""
 
@@ -268,15 +284,8 @@ class SongUNet(nn.Module):
         self.dec = nn.ModuleDict()
         for level, mult in reversed(list(enumerate(channel_mult))):
             res = res0 >> level
-            if level == len(channel_mult) - 1:
-                self.dec[f"{res}x{res}_in0"] = UNetBlock(cout, cout, attention=True, **block)
-                self.dec[f"{res}x{res}_in1"] = UNetBlock(cout, cout, **block)
-            else:
-                self.dec[f"{res}x{res}_up"] = UNetBlock(cout, cout, up=True, **block)
-            for idx in range(num_blocks + 1):
-                cin, cout = cout + skips.pop(), model_channels * mult
-                attn = idx == num_blocks and res in attn_resolutions
-                self.dec[f"{res}x{res}_block{idx}"] = UNetBlock(cin, cout, attention=attn, **block)
+            cout = _decoder_level(self.dec, res, level == len(channel_mult) - 1, cout, model_channels * mult, skips,
+                                  [i == num_blocks and res in attn_resolutions for i in range(num_blocks + 1)], block)
             if decoder_type == "skip" or level == 0:
                 if decoder_type == "skip" and level < len(channel_mult) - 1:
                     self.dec[f"{res}x{res}_aux_up"] = Conv2d(in_ch, in_ch, 0, up=True,
@@ -360,14 +369,8 @@ class DhariwalUNet(nn.Module):
         self.dec = nn.ModuleDict()
         for level, mult in reversed(list(enumerate(channel_mult))):
             res = res0 >> level
-            if level == len(channel_mult) - 1:
-                self.dec[f"{res}x{res}_in0"] = UNetBlock(cout, cout, attention=True, **block)
-                self.dec[f"{res}x{res}_in1"] = UNetBlock(cout, cout, **block)
-            else:
-                self.dec[f"{res}x{res}_up"] = UNetBlock(cout, cout, up=True, **block)
-            for idx in range(num_blocks + 1):
-                cin, cout = cout + skips.pop(), model_channels * mult
-                self.dec[f"{res}x{res}_block{idx}"] = UNetBlock(cin, cout, attention=res in attn_resolutions, **block)
+            cout = _decoder_level(self.dec, res, level == len(channel_mult) - 1, cout, model_channels * mult, skips,
+                                  [res in attn_resolutions] * (num_blocks + 1), block)
         self.out_norm = GroupNorm(cout)
         self.out_conv = Conv2d(cout, in_ch, 3, **init_zero)
 
