@@ -1,11 +1,13 @@
 """Diffusers teachers (lmm.teachers.diffusers): folder layouts, the scheduler's own sampling loops reproduced by lmm's
-solvers, `lmm pairs` / `lmm sample` on a diffusers folder, and the loader's errors."""
+solvers, `lmm pairs` / `lmm sample` / `lmm eval` on a diffusers folder, and the loader's errors."""
 import json
 import shutil
 import sys
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from lmm.cli.main import main
 from lmm.data import open_pairs
@@ -179,6 +181,17 @@ def test_cli_pairs_and_sample_on_a_diffusers_folder(pipeline_folder, tmp_path, c
     assert main(["sample", "--model", str(pipeline_folder), "--solver", "euler", "--steps", "3", "-n", "3",
                  "--out", str(out)]) == 0
     assert "NFE 3" in capsys.readouterr().out and out.is_file()
+    data = tmp_path / "images"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(16):
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(data / f"{i}.png")
+    metrics = tmp_path / "m.json"
+    assert main(["eval", *common, "data.name=image_folder", f"data.root={data}", "data.resolution=8",
+                 "eval.features=pixel", "eval.n=16", "eval.batch_size=16", 'eval.teacher_solvers=["euler"]',
+                 "--model", str(pipeline_folder), "--nfe", "2", "--out", str(metrics)]) == 0
+    result = json.loads(metrics.read_text())
+    assert result["settings"]["model_sha256"] == path_sha256(pipeline_folder) and len(result["results"]) == 1
 
 
 def test_cli_refuses_a_folder_without_scheduler_config_and_writes_nothing(unet, tmp_path, capsys):
