@@ -28,7 +28,7 @@ from lmm.metrics import (
     straightness,
     subset_indices,
 )
-from lmm.models import load_model
+from lmm.models import load_model, model_path
 from lmm.pipeline import load_data, noise_batches, run_dir, sample, save_samples, use_bf16
 from lmm.sampling import grid_for, sample_lines
 from lmm.solvers import DPM_METHODS, steps_within
@@ -378,9 +378,7 @@ def evaluate_inputs(cfg: dict, *, samples: list[Path] = (), model: Path | None =
         rows.append({"label": str(path), "model": "file", **score(ref, images)})
     if model is not None:
         model = Path(model)
-        is_lmm_folder = model.is_dir() and (model / "model.safetensors").is_file()
-        settings["model_sha256"] = path_sha256(model / "model.safetensors" if is_lmm_folder else
-                                               model if model.is_dir() else model.with_suffix(".safetensors"))
+        settings["model_sha256"] = path_sha256(model_path(model))
         own_ode = own_ode_metrics(net, seed=e["seed"], device=device)
         rows += [evaluate_sampler(cfg, ref, meta["role"], net, how, device, own_ode)[0]
                  for how in sweep(net, list(nfes), _student_grid(meta), e["teacher_solvers"])]

@@ -15,6 +15,7 @@ from lmm.checkpoint import load_model_file
 from lmm.nets import build_net
 from lmm.objectives import Objective, get_objective
 from lmm.teachers import TEACHER_OBJECTIVES, TEACHERS, Teacher, build_teacher
+from lmm.teachers.diffusers import is_diffusers_folder, load_diffusers_teacher
 from lmm.train import RESUME_IGNORE_KEY
 
 EDM_KEYS = ("sigma_min", "sigma_max", "rho")
@@ -99,19 +100,24 @@ def build_model(objective: Objective, net_cfg: dict, data_shape: tuple[int, ...]
     return objective.build_model(build_net(net_cfg, tuple(data_shape), num_classes))
 
 
+def model_path(path: str | Path) -> Path:
+    """What a model given as `X.safetensors`, `X.json`, `X` or a run folder is stored in: `X.safetensors` (a folder's
+    `model.safetensors`), or a diffusers folder itself; its sha256 (lmm.io.path_sha256) identifies the model."""
+    path = Path(path)
+    if path.is_dir():
+        return path if is_diffusers_folder(path) else path / "model.safetensors"
+    return path.with_suffix(".safetensors")
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module | Teacher, dict]:
     """Rebuild the model saved at `path` (`X.safetensors`, its `X.json` beside it, or a run folder), or load a
     diffusers model folder as a teacher (lmm.teachers.diffusers.load_diffusers_teacher; extra `lmm[diffusers]`).
 
     Returns (Teacher, meta) for a teacher file and (LinesModel, meta) for a student file, in eval mode.
     """
-    path = Path(path)
+    path = model_path(path)
     if path.is_dir():
-        from lmm.teachers.diffusers import is_diffusers_folder, load_diffusers_teacher
-
-        if is_diffusers_folder(path):
-            return load_diffusers_teacher(path, device)
-        path = path / "model.safetensors"
+        return load_diffusers_teacher(path, device)
     state, meta = load_model_file(path)
     if meta.get("format") != "lmm-model/1":
         raise ValueError(f"{path}: not an lmm model file (meta 'format' is {meta.get('format')!r})")

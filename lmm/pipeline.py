@@ -22,6 +22,7 @@ from lmm.io import atomic_path, path_sha256, save_json
 from lmm.models import (
     build_model,
     load_model,
+    model_path,
     model_meta,
     student_objective,
     teacher_objective,
@@ -146,7 +147,7 @@ def teacher_sampler(teacher: Teacher, solver: str, steps: int, bf16: bool, sched
 def generate_pairs(cfg: dict, teacher_path: str | Path | None = None, store: str | Path | None = None) -> Path:
     """Run the teacher's ODE solver on seeded noise and write a sharded pair store."""
     rank, world, _, device = dist.init_distributed(cfg["run"]["device"])
-    teacher_path = Path(teacher_path or run_dir(cfg) / "teacher" / "model.safetensors")
+    teacher_path = model_path(teacher_path or run_dir(cfg) / "teacher")
     teacher, tmeta = load_model(teacher_path, device)
     if not isinstance(teacher, Teacher):
         raise ValueError(f"{teacher_path}: is a student model, not a teacher")
@@ -209,7 +210,7 @@ def store_teacher(manifest: dict, teacher_path: str | Path | None, run: Path) ->
     found is another teacher."""
     want = manifest["teacher"]["sha256"]
     recorded = manifest["teacher"].get("path")
-    candidates = [Path(teacher_path)] if teacher_path else [run / "teacher" / "model.safetensors",
+    candidates = [model_path(teacher_path)] if teacher_path else [run / "teacher" / "model.safetensors",
                                                              *([Path(recorded)] if recorded else [])]
     found = [p for p in candidates if p.is_file() or p.is_dir()]
     for path in found:

@@ -299,3 +299,22 @@ def test_samplers_reproduce_the_gaussian_closed_form(method, steps):
     exact = mu + (80 * z - mu) * s / math.sqrt(s**2 + 80**2)
     x = sample_teacher(teacher, z, steps, method, schedule="edm").x
     assert (x - exact).abs().max() < 1e-4
+
+
+def test_pairs_from_a_converted_teacher_folder(tmp_path, monkeypatch):
+    """`lmm pairs --teacher FOLDER` records the sha256 of FOLDER/model.safetensors, so the student stage finds the
+    teacher by file, folder or run folder alike."""
+    from lmm.data import open_pairs
+    from lmm.io import file_sha256
+    from lmm.pipeline import store_teacher
+
+    pkl = tmp_path / "s.pkl"
+    write_edm_pickle(pkl, monkeypatch, _tiny_song(), "EDMPrecond", TINY)
+    run = tmp_path / "run"
+    assert main(["convert", "edm", str(pkl), str(run / "teacher"), "--trust-pickle"]) == 0
+    assert main(["pairs", f"run.dir={run}", "run.progress=false", "run.bf16=false", "teacher.steps=2", "pairs.n=4",
+                 "pairs.shard_size=4", "pairs.batch_size=4", f"--teacher={run / 'teacher'}"]) == 0
+    manifest = open_pairs(run / "pairs").manifest
+    weights = run / "teacher" / "model.safetensors"
+    assert manifest["teacher"]["sha256"] == file_sha256(weights)
+    assert store_teacher(manifest, run / "teacher", tmp_path) == weights == store_teacher(manifest, None, run)
