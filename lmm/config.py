@@ -77,12 +77,15 @@ DEFAULTS: dict[str, Any] = {
         "repair": False,
     },
     "student": {
+        "objective": "lines",
         "init": "teacher",
         "loss": {"l2": 1.0},
         "perceptual": {"network": "efficientnet", "resolution": 64},
         "adversarial": {"start": 0, "lr": 2e-4, "interval": 1, "r1": 0.0,
                         "augment": ["translation", "cutout", "color"], "resolution": 64, "width": 64, "seed": 0,
                         "adaptive": False},
+        "ot_cfm": {"sigma": 0.0, "coupling": "ot"},
+        "consistency": {"steps": 18, "ema": 0.95, "solver": "heun"},
         "time_sampling": "grid",
         "grid": [0.0, 0.5],
         "weighting": "none",
@@ -112,14 +115,17 @@ _AT_LEAST: dict[str, float] = {
     "teacher.steps": 1, "teacher.sigma_min": 1e-12, "teacher.sigma_max": 1e-12, "teacher.rho": 1e-12,
     "teacher.sigma_data": 1e-12, "teacher.P_std": 0.0,
     "pairs.n": 1, "pairs.shard_size": 1, "pairs.batch_size": 1, "pairs.seed": 0,
-    "student.sigma_data": 1e-12, "student.logit_std": 0.0, "student.window": 1,
+    "student.sigma_data": 1e-12, "student.logit_std": 0.0, "student.window": 1, "student.ot_cfm.sigma": 0.0,
+    "student.consistency.steps": 1, "student.consistency.ema": 0.0,
     "*.train.steps": 0, "*.train.batch_size": 1, "*.train.lr": 0.0, "*.train.ema_halflife": 0.0,
     "*.train.ema_rampup": 0.0, "*.train.warmup_steps": 0, "*.train.grad_clip": 0.0, "*.train.ckpt_every": 1,
     "*.train.log_every": 1,
     "eval.n": 2, "eval.batch_size": 1, "eval.seed": 0,
 }
 _POSITIVE_LISTS = ("eval.teacher_nfe", "eval.student_nfe")
-_CHOICES = {"eval.split": ("", "train", "test"), "data.split": ("train", "test"), "teacher.denoiser": ("edm", "vp", "ve")}
+_CHOICES = {"student.objective": ("lines", "reflow", "ot_cfm", "consistency"),
+            "student.ot_cfm.coupling": ("ot", "independent"), "student.consistency.solver": ("euler", "heun"),
+            "eval.split": ("", "train", "test"), "data.split": ("train", "test"), "teacher.denoiser": ("edm", "vp", "ve")}
 REPLACED_WHOLE = {"net", "loss"}
 BOOL_OR_AUTO = {"run.bf16"}
 

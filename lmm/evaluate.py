@@ -224,7 +224,7 @@ def evaluate_sampler(cfg: dict, ref: Reference, role: str, model: nn.Module | Te
 
 def _student_grid(meta: dict) -> list[float]:
     """The sampler grid a student model file was trained for (its objective's `grid`); [] for a teacher."""
-    return list(meta["objective_kwargs"]["grid"]) if meta["role"] == "student" else []
+    return list(meta["objective_kwargs"].get("grid", ())) if meta["role"] == "student" else []
 
 
 def _description(ref: Reference) -> str:

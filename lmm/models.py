@@ -5,6 +5,7 @@ config, the objective (which fixes the preconditioning), data shape, classes and
 """
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +13,10 @@ import torch
 from torch import nn
 
 from lmm.checkpoint import load_model_file
+from lmm.config import DEFAULTS, flat_keys
 from lmm.nets import build_net
-from lmm.objectives import Objective, get_objective
-from lmm.teachers import TEACHER_OBJECTIVES, TEACHERS, Teacher, build_teacher
+from lmm.objectives import STUDENT_OBJECTIVES, Objective, get_objective
+from lmm.teachers import TEACHER_OBJECTIVES, Teacher, build_teacher
 from lmm.teachers.diffusers import is_diffusers_folder, load_diffusers_teacher
 from lmm.train import RESUME_IGNORE_KEY
 
@@ -38,34 +40,26 @@ def teacher_objective(tcfg: dict) -> Objective:
     return get_objective("flow_matching")
 
 
-STUDENT_PRECONDS = ("teacher", "lines", "none")
+def student_objective_class(name: str) -> type[Objective]:
+    """The class of student objective `name` (`student.objective`, a key of lmm.objectives.STUDENT_OBJECTIVES)."""
+    if name not in STUDENT_OBJECTIVES:
+        raise ValueError(f"student.objective: unknown {name!r}; valid: {', '.join(STUDENT_OBJECTIVES)}")
+    return STUDENT_OBJECTIVES[name]
 
 
-def student_objective(scfg: dict, tcfg: dict) -> Objective:
-    """The lines objective of config section `student`; student.precond = "teacher" takes the parameterisation
-    of the teacher described by `tcfg` (its `teacher` config section: kind, sigma_max, sigma_data)."""
-    precond, sigma_data, sigma_max = scfg["precond"], scfg["sigma_data"], tcfg["sigma_max"]
-    if precond not in STUDENT_PRECONDS:
-        raise ValueError(f"student.precond: unknown {precond!r}; valid: {', '.join(STUDENT_PRECONDS)}")
-    if precond == "teacher":
-        if tcfg["kind"] not in TEACHERS:
-            raise ValueError(f"teacher.kind: unknown '{tcfg['kind']}'; valid: {', '.join(TEACHERS)}")
-        precond = TEACHERS[tcfg["kind"]].line_precond
-        sigma_data = tcfg["sigma_data"] if precond == "edm" else sigma_data
-    return get_objective(
-        "lines",
-        denoiser=tcfg.get("denoiser", "edm"),
-        loss=scfg["loss"],
-        loss_options={k: scfg[k] for k in scfg["loss"] if isinstance(scfg.get(k), dict)},
-        time_sampling=scfg["time_sampling"],
-        grid=tuple(scfg["grid"]),
-        weighting=scfg["weighting"],
-        logit_mean=scfg["logit_mean"],
-        logit_std=scfg["logit_std"],
-        sigma_data=sigma_data,
-        precond=precond,
-        sigma_max=sigma_max,
-    )
+def student_objective(scfg: dict, tcfg: dict | None) -> Objective:
+    """The objective `student.objective` of config section `student`, for the teacher described by `tcfg` (its
+    `teacher` config section; None when there is none)."""
+    return student_objective_class(scfg["objective"]).from_config(scfg, tcfg)
+
+
+def resume_defaults(objective: Objective) -> dict[str, Any]:
+    """{dotted model-meta key: default} of every config key and objective argument, so that checkpoints written
+    before a setting existed still resume when it has its default (lmm.train.meta_differences)."""
+    params = inspect.signature(type(objective).__init__).parameters.values()
+    return {**{f"config.{k}": v for k, v in flat_keys(DEFAULTS)},
+            **{f"objective_kwargs.{p.name}": p.default for p in params
+               if p.name != "self" and p.default is not inspect.Parameter.empty}}
 
 
 def teacher_ode_kwargs(tcfg: dict) -> dict[str, Any]:
@@ -97,7 +91,11 @@ def model_meta(role: str, objective: Objective, net_cfg: dict, data_shape: tuple
 
 
 def build_model(objective: Objective, net_cfg: dict, data_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    return objective.build_model(build_net(net_cfg, tuple(data_shape), num_classes))
+    """The objective's model around the net of `net_cfg`; its `sampler` attribute names the few-step sampler mode of
+    the models the objective trains (lmm.sampling.sample_lines: "line", or "restart" for consistency models)."""
+    model = objective.build_model(build_net(net_cfg, tuple(data_shape), num_classes))
+    model.sampler = objective.sampler
+    return model
 
 
 def model_path(path: str | Path) -> Path:

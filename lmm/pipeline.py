@@ -22,9 +22,11 @@ from lmm.io import atomic_path, path_sha256, save_json
 from lmm.models import (
     build_model,
     load_model,
-    model_path,
     model_meta,
+    model_path,
+    resume_defaults,
     student_objective,
+    student_objective_class,
     teacher_objective,
 )
 from lmm.progress import progress_bar
@@ -171,25 +173,47 @@ def generate_pairs(cfg: dict, teacher_path: str | Path | None = None, store: str
 
 
 def train_student(cfg: dict, store: str | Path | None = None, teacher_path: str | Path | None = None) -> Path:
-    """Train the LMM student on a pair store; returns the path of its `model.safetensors`."""
+    """Train the student of `student.objective`: "lines" (LMM) and "reflow" on a pair store (`store`, default
+    RUN/pairs), "ot_cfm" and "consistency" on the dataset (data.*); the teacher (student.init = teacher, and
+    consistency distillation's) is the pair store's, found by its sha256, or `teacher_path` / RUN/teacher.
+    Returns the path of the student's `model.safetensors`."""
     _, _, _, device = dist.init_distributed(cfg["run"]["device"])
-    store = Path(store or run_dir(cfg) / "pairs")
-    manifest = open_pairs(store).manifest
-    s = cfg["student"]
-    objective = student_objective(s, manifest["teacher"]["config"])
-    shape, ncls = tuple(manifest["data_shape"]), manifest["num_classes"]
-    model = build_model(objective, s["net"], shape, ncls)
-    objective.setup(shape, ncls, reals=real_source(cfg, shape, ncls) if "adversarial" in objective.loss else None)
-    if s["init"] == "teacher":
-        _init_from_teacher(model, store_teacher(manifest, teacher_path, run_dir(cfg)), s["net"])
-    elif s["init"] != "scratch":
+    s, run, seed = cfg["student"], run_dir(cfg), cfg["run"]["seed"]
+    if s["init"] not in ("teacher", "scratch"):
         raise ValueError(f"student.init: unknown '{s['init']}'; valid: teacher, scratch")
+    kind = student_objective_class(s["objective"])
+    if kind.source == "pairs":
+        store = Path(store or run / "pairs")
+        manifest = open_pairs(store).manifest
+        shape, ncls = tuple(manifest["data_shape"]), manifest["num_classes"]
+        source: Any = PairSource(store, seed=seed, window=s["window"])
+        trained_on = {"pairs": {"path": str(store), "teacher_sha256": manifest["teacher"]["sha256"],
+                                "n": manifest["n_pairs"]}}
+        tpath = store_teacher(manifest, teacher_path, run) if s["init"] == "teacher" or kind.needs_teacher else None
+    else:
+        data = load_data(cfg)
+        shape, ncls = data.data_shape, num_classes(cfg, data)
+        source = data.source(seed, labels=ncls > 0)
+        trained_on = {"data": {"name": data.name, "n": len(data)}}
+        tpath = model_path(teacher_path or run / "teacher") if s["init"] == "teacher" or kind.needs_teacher else None
+        if tpath is not None:
+            trained_on["teacher_sha256"] = path_sha256(tpath)
+    teacher, tmeta = load_model(tpath) if tpath is not None else (None, None)
+    if tmeta is not None and (tuple(tmeta["data_shape"]), tmeta["num_classes"]) != (tuple(shape), ncls):
+        raise ValueError(f"{tpath}: the teacher's data ({tuple(tmeta['data_shape'])}, {tmeta['num_classes']} classes) "
+                         f"is not the student's ({tuple(shape)}, {ncls} classes)")
+    tcfg = manifest["teacher"]["config"] if kind.source == "pairs" else None if tmeta is None else tmeta["config"]["teacher"]
+    objective = student_objective(s, tcfg)
+    model = build_model(objective, s["net"], shape, ncls)
+    if s["init"] == "teacher":
+        _init_from_teacher(model, teacher, tmeta, tpath, s["net"])
+    objective.setup(shape, ncls, reals=real_source(cfg, shape, ncls) if "adversarial" in getattr(objective, "loss", {})
+                    else None, teacher=teacher if kind.needs_teacher else None, model=model)
     kw = _train_kwargs(cfg, s, device)
     meta = model_meta("student", objective, s["net"], shape, ncls, cfg, kw["bf16"])
-    meta["pairs"] = {"path": str(store), "teacher_sha256": manifest["teacher"]["sha256"], "n": manifest["n_pairs"]}
-    out = run_dir(cfg) / "student"
-    train(model, objective, PairSource(store, seed=cfg["run"]["seed"], window=s["window"]), run_dir=out, meta=meta,
-          **kw)
+    meta.update(trained_on)
+    out = run / "student"
+    train(model, objective, source, run_dir=out, meta=meta, resume_defaults=resume_defaults(objective), **kw)
     dist.barrier()
     return out / "model.safetensors"
 
@@ -223,11 +247,14 @@ def store_teacher(manifest: dict, teacher_path: str | Path | None, run: Path) ->
                      f"!= {want[:12]}...); pass --teacher with the right file, or set student.init=scratch")
 
 
-def _init_from_teacher(student: torch.nn.Module, teacher_path: Path, net_cfg: dict) -> None:
-    teacher, tmeta = load_model(teacher_path)
+def _init_from_teacher(student: torch.nn.Module, teacher: torch.nn.Module | Teacher, tmeta: dict, teacher_path: Path,
+                       net_cfg: dict) -> None:
     if tmeta["net"] != net_cfg:
         raise ValueError(f"student.init=teacher needs the student's net config to equal the teacher's "
                          f"({teacher_path}: {tmeta['net']}); set student.init=scratch or copy the net table")
+    if isinstance(teacher, Teacher) and getattr(student, "precond", None) == "velocity" != teacher.line_precond:
+        raise ValueError(f"student.init=teacher: {teacher_path} is a '{teacher.kind}' teacher whose net is not a "
+                         "velocity field, which this student's model is; set student.init=scratch")
     net = teacher.model.net if isinstance(teacher, Teacher) else teacher.net
     student.net.load_state_dict(net.state_dict())
 
@@ -249,11 +276,11 @@ def noise_batches(n: int, batch_size: int, shape: tuple[int, ...], ncls: int, se
 
 @torch.no_grad()
 def sample(model: torch.nn.Module | Teacher, n: int, *, seed: int, batch_size: int = 500, nfe: int | None = None,
-           grid: list[float] | None = None, mode: str = "line", solver: str = "euler", steps: int | None = None,
+           grid: list[float] | None = None, mode: str | None = None, solver: str = "euler", steps: int | None = None,
            schedule: str = "edm", bf16: bool = False, device: str | torch.device = "cpu",
            progress: bool = False, label: int | None = None) -> dict[str, Any]:
     """Draw n samples. Teachers: `solver` with `steps` intervals on its `schedule`; students: the line sampler on `grid`
-    (default grid for `nfe`); conditional models get balanced labels, or all `label`. Returns {"images": uint8 (N,H,W,C) (float (N, D) for vector data),
+    (default grid for `nfe`) in `mode` (default: the model's own `sampler`, lmm.models.build_model); conditional models get balanced labels, or all `label`. Returns {"images": uint8 (N,H,W,C) (float (N, D) for vector data),
     "labels": (N,) or None, "nfe": int}. Under torchrun each rank samples a contiguous share of the seeded
     noise batches and every rank returns all n samples, identical to a single process's."""
     device = torch.device(device)
@@ -273,7 +300,7 @@ def sample(model: torch.nn.Module | Teacher, n: int, *, seed: int, batch_size: i
             if is_teacher:
                 sol = sample_teacher(model, z, steps or nfe, solver, y, schedule=schedule)
             else:
-                sol = sample_lines(model, z, grid, y, mode=mode)
+                sol = sample_lines(model, z, grid, y, mode=mode or getattr(model, "sampler", "line"))
         used = sol.nfe
         images.append(sol.x.float().cpu())
         bar.update(z.shape[0] * world)

@@ -95,12 +95,16 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def meta_differences(saved: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """Dotted keys whose values differ between two JSON metas, skipping the prefixes in new[RESUME_IGNORE_KEY]."""
+def meta_differences(saved: dict[str, Any], new: dict[str, Any], defaults: dict[str, Any] | None = None) -> list[str]:
+    """Dotted keys whose values differ between two JSON metas, skipping the prefixes in new[RESUME_IGNORE_KEY]. A key
+    the saved meta lacks (a setting added to lmm after it was written) does not differ when the new value is its
+    default in `defaults` {dotted key: value}."""
     ignore = [RESUME_IGNORE_KEY, *new.get(RESUME_IGNORE_KEY, [])]
     a, b = _flatten(saved), _flatten(new)
+    defaults = defaults or {}
     keys = sorted(k for k in a.keys() | b.keys()
-                  if not any(k == p or k.startswith(p + ".") for p in ignore) and a.get(k, ...) != b.get(k, ...))
+                  if not any(k == p or k.startswith(p + ".") for p in ignore) and a.get(k, ...) != b.get(k, ...)
+                  and not (k not in a and k in defaults and defaults[k] == b.get(k, ...)))
     return keys
 
 
@@ -195,7 +199,7 @@ def train(model: nn.Module, objective: Objective, source: BatchSource, *, run_di
           batch_size: int, lr: float, ema_halflife: float, warmup_steps: int, grad_clip: float, bf16: bool,
           seed: int, ckpt_every: int, log_every: int, meta: dict[str, Any], device: str | torch.device,
           progress: bool = True, optimizer: str = "adamw", weight_decay: float = 0.0, keep: int = 2,
-          ema_rampup: float = 0.25) -> nn.Module:
+          ema_rampup: float = 0.25, resume_defaults: dict[str, Any] | None = None) -> nn.Module:
     """Train `model` in place for `steps` optimizer steps in total (resuming from run_dir's latest checkpoint).
 
     objective(model, batch, step) -> per-sample loss (batch_size,); the step loss is its mean. An objective that is
@@ -208,6 +212,8 @@ def train(model: nn.Module, objective: Objective, source: BatchSource, *, run_di
     as they are when a finished run is called again, so that files made from the model stay valid, unless they
     are missing, damaged or disagree with each other: then they are rewritten from the final checkpoint).
     Raises FloatingPointError on a non-finite loss (no checkpoint is written for or after that step).
+    resume_defaults: {dotted meta key: default} for settings that checkpoints written by older versions lack
+    (see `meta_differences`). The objective's `train_state()` (e.g. an EMA target) is checkpointed as `objective`.
     """
     _check_args(steps, batch_size, lr, warmup_steps, grad_clip, ckpt_every, log_every, optimizer)
     rank, world, _, dev = init_distributed(device)
@@ -233,7 +239,7 @@ def train(model: nn.Module, objective: Objective, source: BatchSource, *, run_di
     ckpt = latest_checkpoint(run_dir)
     if ckpt is not None:
         tensors, state, saved_meta = _load_resume_checkpoint(ckpt)
-        differing = meta_differences(saved_meta, meta)
+        differing = meta_differences(saved_meta, meta, resume_defaults)
         if differing:
             flat_old, flat_new = _flatten(saved_meta), _flatten(meta)
             changes = "; ".join(f"{k.removeprefix('config.')}: {flat_old.get(k, '<absent>')!r} -> {flat_new.get(k, '<absent>')!r}"
@@ -255,6 +261,8 @@ def train(model: nn.Module, objective: Objective, source: BatchSource, *, run_di
         for p in phases:
             p.net.load_state_dict(tensors[f"phase-{p.name}"])
             phase_opts[p.name].load_state_dict(state["phase_optimizers"][p.name])
+        if hasattr(objective, "load_train_state"):
+            objective.load_train_state(tensors.get("objective", {}))
 
     def wrap(step_module: nn.Module) -> nn.Module:
         if world == 1:
@@ -355,8 +363,12 @@ def train(model: nn.Module, objective: Objective, source: BatchSource, *, run_di
                 pbar.set_postfix(loss=f"{record['loss']:.4g}", samples_s=f"{record['samples_per_s']:.0f}")
             loss_sum, loss_count, norm_sum, norm_count = 0.0, 0, 0.0, 0
         if do_ckpt and main:
-            save_checkpoint(run_dir, done, {"model": model.state_dict(), "ema": ema.state_dict(),
-                                            **{f"phase-{p.name}": p.net.state_dict() for p in phases}},
+            tensors = {"model": model.state_dict(), "ema": ema.state_dict(),
+                       **{f"phase-{p.name}": p.net.state_dict() for p in phases}}
+            objective_state = objective.train_state() if hasattr(objective, "train_state") else {}
+            if objective_state:
+                tensors["objective"] = objective_state
+            save_checkpoint(run_dir, done, tensors,
                             {"optimizer": opt.state_dict(), "step": done, "seed": seed, "world": world,
                              "batch_size": batch_size,
                              "phase_optimizers": {name: o.state_dict() for name, o in phase_opts.items()}},

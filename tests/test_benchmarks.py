@@ -24,7 +24,7 @@ TINY = ["teacher.net.channels=8", "student.net.channels=8", "run.progress=false"
         "teacher.train.ckpt_every=4", "student.train.ckpt_every=4", "pairs.n=96", "pairs.shard_size=64",
         "pairs.batch_size=64", "eval.n=32"]
 SMOKE_TESTED = {"ablate_student.py", "bench_bf16.py", "bench_features.py", "bench_nets.py", "edm_costs.py",
-                "bench_pairstore_memory.py", "bench_pipeline_speed.py", "teacher_solvers.py"}
+                "bench_pairstore_memory.py", "bench_pipeline_speed.py", "quality.py", "teacher_solvers.py"}
 
 
 def _bench(script: str, *args: str, timeout: float = 120) -> str:
@@ -187,3 +187,26 @@ def test_edm_costs():
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[1] == "55.73" and float(cells[2]) > 1 and cells[4] == "23" and cells[6] == "1,000,000"
     assert float(cells[7]) > 0 and float(cells[8]) > 0
+
+
+def test_quality(tiny_run, tmp_path):
+    bench = tmp_path / "BENCH.md"
+    bench.write_text("# B\n\n<!-- quality:begin -->\nold\n<!-- quality:end -->\n\n## after\n")
+    out = tmp_path / "quality"
+    stdout = _bench("quality.py", "--run", tiny_run, "--out", out, "--bench", bench, *TINY, "eval.batch_size=32",
+                    timeout=400)
+    methods = ["teacher", "lmm_l2", "lmm_full", "reflow", "ot_cfm", "consistency"]
+    rows = json.loads((out / "quality.json").read_text())
+    assert [r["method"] for r in rows] == methods
+    # the budget: 4 teacher steps x 16 x 3 + 96 pairs x 3 NFE + 4 student steps x 16 x 3 = 672 passes
+    assert "672 network passes" in stdout
+    assert "student.train.steps=14" in rows[4]["overrides"] and "student.train.steps=5" in rows[5]["overrides"]
+    for row in rows[1:]:
+        assert sorted(r["nfe"] for r in row["results"]) == [1, 2]
+        assert all(math.isfinite(r[row["distance_key"]]) for r in row["results"])
+    assert 3 in {r["nfe"] for r in rows[0]["results"]}  # the teacher's pair sampler
+    text = bench.read_text()
+    assert "old" not in text and "| consistency |" in text and text.endswith("## after\n")
+    # a rerun finds every row done
+    again = _bench("quality.py", "--run", tiny_run, "--out", out, *TINY, "eval.batch_size=32", timeout=120)
+    assert json.loads((out / "quality.json").read_text()) == rows and "672 network passes" in again

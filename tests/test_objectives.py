@@ -219,7 +219,11 @@ def test_objectives_give_finite_losses_with_gradients(name):
     net = TinyNet(num_classes=3)
     model = obj.build_model(net)
     y = torch.randint(0, 3, (8,))
-    batch = {"z": _rand(8, *SHAPE), "x1": _rand(8, *SHAPE, seed=1), "y": y} if name == "lines" else {"x": _rand(8, *SHAPE), "y": y}
+    batch = {"z": _rand(8, *SHAPE), "x1": _rand(8, *SHAPE, seed=1), "y": y} if "z" in obj.required_keys else {"x": _rand(8, *SHAPE), "y": y}
+    if obj.needs_teacher:
+        teacher = obj.build_model(TinyNet(num_classes=3))
+        teacher.line_endpoint = teacher.forward
+        obj.setup(SHAPE, 3, teacher=teacher, model=model)
     loss = obj(model, batch)
     assert loss.shape == (8,) and torch.isfinite(loss).all() and loss.gt(0).all()
     loss.mean().backward()
@@ -262,8 +266,8 @@ def test_edm_loss_weighting_and_sigma_distribution():
 
 
 def test_registry_errors():
-    with pytest.raises(ValueError, match="valid: flow_matching, edm, lines"):
-        get_objective("consistency")
+    with pytest.raises(ValueError, match="valid: flow_matching, edm, lines, reflow, ot_cfm, consistency"):
+        get_objective("shortcut")
     with pytest.raises(ValueError, match="'P_mean'.*valid: loss"):
         get_objective("lines", P_mean=0.0)
     with pytest.raises(ValueError, match="valid: none, balanced"):

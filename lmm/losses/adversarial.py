@@ -109,15 +109,16 @@ class Adversarial(LossTerm):
         self.reals: Any = None
         self._fake: dict[str, Any] = {}
 
-    def setup(self, data_shape: tuple[int, ...], num_classes: int, reals: Any = None) -> None:
-        from lmm.nets.pyramid import EfficientNetPyramid
+    def setup(self, data_shape: tuple[int, ...], num_classes: int, reals: Any = None, shared: dict | None = None
+              ) -> None:
+        from lmm.nets.pyramid import shared_pyramid
 
         if len(data_shape) != 3:
             raise ValueError(f"the adversarial loss needs image data (C, H, W), not shape {data_shape}")
         if reals is None:
             raise ValueError("the adversarial loss needs dataset images (reals) for its discriminator")
         self.__dict__["reals"] = reals
-        self.features = EfficientNetPyramid(self.resolution)
+        self.features = shared_pyramid(self.resolution, shared)
         self.disc = ProjectedDiscriminator(self.features.channels, self.width, num_classes, self.seed)
         self.num_classes = num_classes
 

@@ -18,9 +18,11 @@ class LossTerm(nn.Module):
 
     name: ClassVar[str]
 
-    def setup(self, data_shape: tuple[int, ...], num_classes: int, reals: Any = None) -> None:
+    def setup(self, data_shape: tuple[int, ...], num_classes: int, reals: Any = None, shared: dict | None = None
+              ) -> None:
         """Load networks for data of `data_shape` (C, H, W); `reals` is a BatchSource of dataset images
-        {"x", "y"} for terms that compare with real data."""
+        {"x", "y"} for terms that compare with real data; `shared` holds frozen networks the terms of one loss
+        share (lmm.nets.pyramid.shared_pyramid)."""
 
     def phases(self) -> list:
         """Extra optimisation phases (lmm.train.Phase) this term trains, e.g. a discriminator's."""

@@ -40,13 +40,14 @@ class Perceptual(LossTerm):
         self.network, self.resolution = network, resolution
         self.features: torch.nn.Module | None = None
 
-    def setup(self, data_shape: tuple[int, ...], num_classes: int, reals: Any = None) -> None:
+    def setup(self, data_shape: tuple[int, ...], num_classes: int, reals: Any = None, shared: dict | None = None
+              ) -> None:
         if len(data_shape) != 3:
             raise ValueError(f"the perceptual loss needs image data (C, H, W), not shape {data_shape}")
         if self.network == "efficientnet":
-            from lmm.nets.pyramid import EfficientNetPyramid
+            from lmm.nets.pyramid import shared_pyramid
 
-            self.features = EfficientNetPyramid(self.resolution)
+            self.features = shared_pyramid(self.resolution, shared)
         else:
             from lmm.nets.lpips import LPIPS
 

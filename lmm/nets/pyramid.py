@@ -65,3 +65,13 @@ class EfficientNetPyramid(nn.Module):
             if i == self.taps[-1]:
                 break
         return out
+
+
+def shared_pyramid(resolution: int, shared: dict | None = None) -> EfficientNetPyramid:
+    """The EfficientNetPyramid at `resolution`, built once per `shared` dict (a new one when shared is None)."""
+    if shared is None:
+        return EfficientNetPyramid(resolution)
+    key = ("efficientnet_pyramid", resolution)
+    if key not in shared:
+        shared[key] = EfficientNetPyramid(resolution)
+    return shared[key]

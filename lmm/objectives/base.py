@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import inspect
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from lmm.nets.precond import bcast
 
-__all__ = ["Objective", "bcast", "sample_times"]
+__all__ = ["Objective", "STUDENT_PRECONDS", "bcast", "sample_times", "student_precond"]
 
 
 class Objective(nn.Module):
@@ -22,6 +23,11 @@ class Objective(nn.Module):
 
     name: str
     required_keys: tuple[str, ...] = ()
+    # what a student objective trains on: "pairs" (a pair store's {"z", "x1"}) or "data" (dataset images {"x"})
+    source: ClassVar[str] = "pairs"
+    needs_teacher: ClassVar[bool] = False
+    # the few-step sampler of the models it trains (lmm.sampling.sample_lines mode): "line" or "restart"
+    sampler: ClassVar[str] = "line"
 
     def build_model(self, net: nn.Module) -> nn.Module:
         """Wrap a raw net F(x, noise_label, class_labels) in this objective's preconditioned model."""
@@ -30,6 +36,27 @@ class Objective(nn.Module):
     def forward(self, model: nn.Module, batch: dict[str, Tensor], step: int = 0) -> Tensor:
         """Per-sample loss (B,) at training step `step`."""
         raise NotImplementedError
+
+    @classmethod
+    def from_config(cls, scfg: dict, tcfg: dict | None) -> Objective:
+        """The objective of config section `student` (scfg), for a teacher described by its `teacher` config
+        section (tcfg; None for objectives without a teacher). Student objectives implement it."""
+        raise NotImplementedError(f"objective {cls.name!r} is not a student objective")
+
+    def setup(self, data_shape: tuple[int, ...], num_classes: int, *, reals: Any = None, teacher: Any = None,
+              model: nn.Module | None = None) -> None:
+        """Load what the loss needs besides the batch, for data (C, H, W) with `num_classes` classes: the networks
+        of its loss terms, dataset images `reals` (a BatchSource of {"x", "y"}), the frozen `teacher`
+        (lmm.teachers.Teacher, for objectives with needs_teacher), the `model` it will train (initialised)."""
+
+    def train_state(self) -> dict[str, Tensor]:
+        """Tensors the objective updates during training besides the model and its phases (e.g. an EMA target),
+        checkpointed by the training loop and given back to `load_train_state` on resume; none by default."""
+        return {}
+
+    def load_train_state(self, state: dict[str, Tensor]) -> None:
+        if state:
+            raise ValueError(f"objective {self.name!r} keeps no training state, got {sorted(state)[:5]}")
 
     def phases(self) -> list:
         """Extra optimisation phases (lmm.train.Phase) run after the model's own at each step; none by default."""
@@ -56,3 +83,27 @@ def sample_times(n: int, time_sampling: str, logit_mean: float, logit_std: float
     if time_sampling == "logit_normal":
         return torch.sigmoid(logit_mean + logit_std * torch.randn(n, dtype=like.dtype, device=like.device))
     raise ValueError(f"unknown time_sampling {time_sampling!r}")
+
+
+STUDENT_PRECONDS = ("teacher", "lines", "none")
+
+
+def student_precond(precond: str, sigma_data: float, tcfg: dict | None) -> dict[str, Any]:
+    """LinesModel arguments {precond, sigma_data, sigma_max, denoiser} of a student's `precond` (one of
+    STUDENT_PRECONDS): "teacher" takes the line parameterisation of the teacher described by tcfg (its `teacher`
+    config section: kind, sigma_max, sigma_data, denoiser), so that a student initialised from the teacher's
+    weights starts as the teacher's own endpoint predictor."""
+    from lmm.teachers import TEACHERS
+
+    if precond not in STUDENT_PRECONDS:
+        raise ValueError(f"student.precond: unknown {precond!r}; valid: {', '.join(STUDENT_PRECONDS)}")
+    tcfg = tcfg or {}
+    out = {"precond": precond, "sigma_data": float(sigma_data), "sigma_max": float(tcfg.get("sigma_max", 80.0)),
+           "denoiser": tcfg.get("denoiser", "edm")}
+    if precond == "teacher":
+        if tcfg.get("kind") not in TEACHERS:
+            raise ValueError(f"teacher.kind: unknown '{tcfg.get('kind')}'; valid: {', '.join(TEACHERS)}")
+        out["precond"] = TEACHERS[tcfg["kind"]].line_precond
+        if out["precond"] == "edm":
+            out["sigma_data"] = float(tcfg["sigma_data"])
+    return out

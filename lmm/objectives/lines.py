@@ -4,9 +4,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from lmm.losses import LOSSES, check_loss
+from lmm.losses.combined import LossSum
 from lmm.nets.precond import PRECONDS, LinesModel, lines_coefficients
-from lmm.objectives.base import Objective, bcast, sample_times
+from lmm.objectives.base import Objective, bcast, sample_times, student_precond
 
 TIME_SAMPLINGS = ("uniform", "logit_normal", "grid")
 WEIGHTINGS = ("none", "balanced")
@@ -54,9 +54,8 @@ class Lines(Objective):
             loss = {distance or "l2": 1.0}
         elif distance is not None:
             raise ValueError("lines: give loss (a {term: weight} table) or the older distance, not both")
-        self.loss = check_loss(loss)
-        self.loss_options = {k: dict(v) for k, v in (loss_options or {}).items() if k in self.loss}
-        self.terms = nn.ModuleDict({k: LOSSES[k](**self.loss_options.get(k, {})) for k in self.loss})
+        self.terms = LossSum(loss, loss_options)
+        self.loss, self.loss_options = self.terms.weights, self.terms.options
         self.distance = None
         if time_sampling not in TIME_SAMPLINGS:
             raise ValueError(f"unknown time_sampling {time_sampling!r} for lines; valid: {', '.join(TIME_SAMPLINGS)}")
@@ -79,13 +78,19 @@ class Lines(Objective):
         self.sigma_max = float(sigma_max)
         self.denoiser = denoiser
 
-    def setup(self, data_shape: tuple[int, ...], num_classes: int, reals=None) -> None:
+    @classmethod
+    def from_config(cls, scfg: dict, tcfg: dict | None) -> Lines:
+        return cls(loss=scfg["loss"], loss_options={k: scfg[k] for k in scfg["loss"] if isinstance(scfg.get(k), dict)},
+                   time_sampling=scfg["time_sampling"], grid=tuple(scfg["grid"]), weighting=scfg["weighting"],
+                   logit_mean=scfg["logit_mean"], logit_std=scfg["logit_std"],
+                   **student_precond(scfg["precond"], scfg["sigma_data"], tcfg))
+
+    def setup(self, data_shape: tuple[int, ...], num_classes: int, reals=None, **_) -> None:
         """Load the networks of the loss terms (see lmm.losses.base.LossTerm.setup)."""
-        for term in self.terms.values():
-            term.setup(tuple(data_shape), num_classes, reals)
+        self.terms.setup(data_shape, num_classes, reals)
 
     def phases(self) -> list:
-        return [p for term in self.terms.values() for p in term.phases()]
+        return self.terms.phases()
 
     def build_model(self, net: nn.Module) -> nn.Module:
         return LinesModel(net, sigma_data=self.sigma_data, precond=self.precond, sigma_max=self.sigma_max,
@@ -113,21 +118,5 @@ class Lines(Objective):
         t = self.sample_t(x1.shape[0], x1)
         x_t = bcast(1 - t, x1) * z + bcast(t, x1) * x1
         pred = model(x_t, t, batch.get("y"))
-        ctx = {"t": t, "y": batch.get("y"), "step": step}
-        parts = {name: self.terms[name](pred, x1, ctx) for name in self.loss}
-        weights = dict(self.loss)
-        adv = self.terms["adversarial"] if "adversarial" in self.terms else None
-        if adv is not None and adv.adaptive and step >= adv.start and pred.requires_grad:
-            weights["adversarial"] *= self._adaptive_scale(pred, parts, weights)
-        loss = sum(weights[name] * part for name, part in parts.items())
+        loss = self.terms(pred, x1, {"t": t, "y": batch.get("y"), "step": step})
         return loss * self.weight(t) if self.weighting == "balanced" else loss
-
-    @staticmethod
-    def _adaptive_scale(pred: Tensor, parts: dict[str, Tensor], weights: dict[str, float]) -> Tensor:
-        """||grad_pred of the other terms|| / ||grad_pred of the adversarial term|| (detached, at most 1e4): with it
-        the adversarial gradient on the prediction has `weight` times the norm of the others' (VQGAN's adaptive
-        weight, measured at the prediction instead of the last layer, so no network parameter is touched)."""
-        rest = sum(weights[name] * part for name, part in parts.items() if name != "adversarial")
-        (g_rest,) = torch.autograd.grad(rest.sum(), pred, retain_graph=True)
-        (g_adv,) = torch.autograd.grad(parts["adversarial"].sum(), pred, retain_graph=True)
-        return (g_rest.float().norm() / (g_adv.float().norm() + 1e-8)).clamp(max=1e4).detach()
