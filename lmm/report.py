@@ -80,6 +80,24 @@ def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
+def _singularity_section(run: Path, result: dict[str, Any]) -> str:
+    """RUN/analysis/singularity.json (lmm analyze singularity) as a table per line time, with its plot."""
+    roles = [r for r in ("teacher", "student") if result.get(r)]
+    cols = ["t"] + [f"{r} {k}" for r in roles for k in ("dist to mean", "spread")]
+    rows = [{"t": f"{t:g}", **{f"{r} {k}": result[r][key][i] for r in roles
+                               for k, key in (("dist to mean", "dist_to_mean_rel"), ("spread", "pixel_std_rel"))}}
+            for i, t in enumerate(result["times"])]
+    teacher = result.get("teacher")
+    straight = (f" Teacher ODE path straightness: {teacher['straightness']:.4g} per dimension "
+                f"({teacher['straightness_rel']:.4g} of the squared chord)." if teacher else "")
+    svg = run / "analysis" / "singularity.svg"
+    return ("<h2>Endpoint collapse near the noise end</h2><p>"
+            + html.escape(f"Endpoint predictions on {result['n']} seeded noises at line time t: RMS distance to the "
+                          "data mean and per-pixel spread across noises, relative to the data's own (0 = collapsed "
+                          f"onto the mean, 1 = as spread as the data).{straight}")
+            + "</p>" + _table(rows, cols) + (svg.read_text() if svg.is_file() else ""))
+
+
 def build_report(run: str | Path, title: str | None = None) -> Path:
     """Write `RUN/report.html` from what the run folder holds (metrics.json, timings.json, logs, samples)."""
     run = Path(run)
@@ -108,6 +126,9 @@ def build_report(run: str | Path, title: str | None = None) -> Path:
         if metrics.get("settings"):
             parts.append("<h3>Evaluation settings</h3>" + _table(
                 [{"setting": k, "value": json.dumps(v)} for k, v in metrics["settings"].items()], ["setting", "value"]))
+    singularity = run / "analysis" / "singularity.json"
+    if singularity.is_file():
+        parts.append(_singularity_section(run, json.loads(singularity.read_text())))
     losses = {}
     for stage in ("teacher", "student"):
         log = _read_log(run / stage / "log.jsonl")

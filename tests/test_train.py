@@ -121,6 +121,23 @@ def test_resume_rejects_changed_meta_unless_ignored(tmp_path: Path) -> None:
                            "resume_ignore": ["config.lr"]})
     assert latest_checkpoint(tmp_path).name == "step-00000006"
     assert meta_differences({"a": {"b": 1}}, {"a": {"b": 1}, "c": 2}) == ["c"]
+    # a setting added after the checkpoint was written does not differ while it has its default
+    assert meta_differences({"a": {"b": 1}}, {"a": {"b": 1}, "c": 2}, {"c": 2}) == []
+    assert meta_differences({"a": {"b": 1}}, {"a": {"b": 1}, "c": 3}, {"c": 2}) == ["c"]
+    assert meta_differences({"a": {"b": 1}, "c": 3}, {"a": {"b": 1}, "c": 2}, {"c": 2}) == ["c"]
+
+
+def test_students_of_older_versions_resume_with_new_settings_at_their_defaults() -> None:
+    from lmm.config import load_config
+    from lmm.models import resume_defaults, student_objective
+
+    cfg = load_config(None, [])
+    objective = student_objective(cfg["student"], cfg["teacher"])
+    defaults = resume_defaults(objective)
+    assert defaults["config.student.objective"] == "lines" and defaults["objective_kwargs.denoiser"] == "edm"
+    new = {"config": {"student": {"objective": "lines", "grid": [0.0, 0.5]}}, "objective_kwargs": {"denoiser": "edm"}}
+    old = {"config": {"student": {"grid": [0.0, 0.5]}}, "objective_kwargs": {}}
+    assert meta_differences(old, new, defaults) == []
 
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path) -> None:

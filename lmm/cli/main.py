@@ -99,8 +99,8 @@ def _sampler(args: argparse.Namespace, meta: dict, singular_end: bool) -> dict:
         if args.grid is not None and args.nfe is not None and len(args.grid) != args.nfe:
             raise ValueError(f"--nfe {args.nfe} contradicts --grid {','.join(map(str, args.grid))} "
                              f"({len(args.grid)} steps): give one, or both agreeing")
-        grid = args.grid or grid_for(args.nfe or 1, meta["objective_kwargs"]["grid"])
-        return {"solver": "lines", "grid": grid, "mode": args.mode or "line"}
+        grid = args.grid or grid_for(args.nfe or 1, meta["objective_kwargs"].get("grid", ()))
+        return {"solver": "lines", "grid": grid, "mode": args.mode}
     if args.grid is not None or args.mode is not None:
         raise ValueError("--grid and --mode apply to students; teachers take --solver, --steps or --nfe, --schedule")
     if args.nfe is not None and args.steps is not None:
@@ -188,6 +188,58 @@ def cmd_report(args: argparse.Namespace) -> None:
     print(build_report(args.run_dir))
 
 
+def _int_list(text: str, flag: str, low: int) -> list[int]:
+    """Comma-separated integers >= low from flag `flag`; ValueError naming the flag otherwise."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise ValueError(f"{flag}: expected comma-separated integers, got {text!r}") from None
+    if any(v < low for v in values):
+        raise ValueError(f"{flag}: every value must be >= {low}, got {text!r}")
+    return values
+
+
+def _float_list(text: str, flag: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise ValueError(f"{flag}: expected comma-separated numbers, got {text!r}") from None
+
+
+def cmd_analyze_ot(args: argparse.Namespace) -> None:
+    from lmm.analysis.ot import run_ot_analysis
+
+    (seed,) = _int_list(args.seed, "--seed", 0)
+    (repeats,) = _int_list(args.repeats, "--repeats", 1)
+    thresholds = _float_list(args.threshold, "--threshold")
+    if any(not 0 < t < 1 for t in thresholds):
+        raise ValueError(f"--threshold: values must lie strictly between 0 and 1, got {args.threshold!r}")
+    if args.pairs is not None and not (args.pairs / "manifest.json").is_file():
+        raise ValueError(f"--pairs {args.pairs}: no pair store there (manifest.json missing)")
+    if args.resolutions is not None and args.pairs is None:
+        raise ValueError("--resolutions applies to --pairs; give a pair store")
+    result = run_ot_analysis(
+        args.out, dims=_int_list(args.dims, "--dims", 1), batches=_int_list(args.batches, "--batches", 2),
+        repeats=repeats, thresholds=thresholds, seed=seed, pairs=args.pairs,
+        resolutions=None if args.resolutions is None else _int_list(args.resolutions, "--resolutions", 1),
+        log=lambda line: print(line, file=sys.stderr))
+    print(result["markdown"])
+    print(args.out / "ot.json")
+
+
+def cmd_analyze_singularity(args: argparse.Namespace) -> None:
+    from lmm.analysis.singularity import analyze_singularity
+
+    (n,) = _int_list(args.n, "--n", 2)
+    (seed,) = _int_list(args.seed, "--seed", 0)
+    (steps,) = _int_list(args.steps, "--steps", 1)
+    (batch_size,) = _int_list(args.batch_size, "--batch-size", 1)
+    device = dist.resolve_device(args.device)
+    result = analyze_singularity(args.run_dir, n=n, seed=seed, steps=steps, batch_size=batch_size, device=device)
+    print(result["markdown"])
+    print(args.run_dir / "analysis" / "singularity.json")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lmm", description="Lines Matching Models: teacher -> pairs -> straight-line student -> few-step samples.",
@@ -216,13 +268,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None, help="pair store folder (default RUN_DIR/pairs)")
     p.set_defaults(func=cmd_pairs)
 
-    p = sub.add_parser("train", help="train an LMM student on a pair store",
-                       description="Train the endpoint predictor on the lines between paired noise and teacher "
-                                   "samples (student.*) into RUN_DIR/student.", epilog=CONFIG_HELP, formatter_class=fmt)
+    p = sub.add_parser("train", help="train a student: LMM (default) or a rival method (student.objective)",
+                       description="Train the student of student.objective into RUN_DIR/student: lines (LMM: the "
+                                   "endpoint predictor on the lines between paired noise and teacher samples) or "
+                                   "reflow on the pair store; ot_cfm or consistency (distillation from the teacher) "
+                                   "on the dataset (data.*).", epilog=CONFIG_HELP, formatter_class=fmt)
     _add_config_args(p)
     p.add_argument("--pairs", type=Path, default=None, help="pair store folder (default RUN_DIR/pairs)")
     p.add_argument("--teacher", type=Path, default=None,
-                   help="teacher file for student.init=teacher (default: the one recorded in the store)")
+                   help="teacher file for student.init=teacher and consistency distillation (default: RUN_DIR/teacher, "
+                        "or the one recorded in the pair store)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("sample", help="sample a teacher or a student", formatter_class=fmt,
@@ -240,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", type=_grid_arg, default=None,
                    help="student time grid 0 = t_0 < ... < t_(K-1) < 1, comma separated, e.g. 0,0.5 (default: see --nfe)")
     p.add_argument("--mode", choices=["line", "restart"], default=None,
-                   help="student: step along the line (default) or restart from fresh noise each step")
+                   help="student: step along the line or restart from fresh noise each step (default: the model's own: restart for consistency models, line for the others)")
     p.add_argument("--solver", choices=list(METHODS), default=None,
                    help="teacher ODE solver (default: the teacher's own)")
     p.add_argument("--steps", type=_positive_int, default=None,
@@ -298,6 +353,52 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="build RUN_DIR/report.html from a run folder")
     p.add_argument("run_dir", type=Path, help="run folder (e.g. runs/demo)")
     p.set_defaults(func=cmd_report)
+
+    analyze = sub.add_parser("analyze", help="the paper's analyses: mini-batch OT pairing, endpoint collapse"
+                             ).add_subparsers(dest="analyze_command", required=True, metavar="ANALYSIS")
+    p = analyze.add_parser(
+        "ot", help="the curse of dimensionality of mini-batch OT pairing", formatter_class=fmt,
+        description="Match B noises z ~ N(0, I_d) to B samples of a seeded data Gaussian N(m, S) exactly "
+                    "(scipy assignment) and score the pairing against the closed-form OT map T: error = mean "
+                    "||x_perm(i) - T(z_i)||^2 / (2 tr S) (1 = independent pairing, 0 = exact). Reports the batch "
+                    "needed per dimension for each --threshold and fits log B = a + r d (and a power law). With "
+                    "--pairs, also how much of a teacher's coupling z -> x1 mini-batch OT recovers. Writes "
+                    "OUT/ot.json, OUT/ot.md and SVG plots.")
+    p.add_argument("--dims", default="1,2,4,8,16,32,64", help="comma-separated dimensions d (default 1,2,4,8,16,32,64)")
+    p.add_argument("--batches", default=",".join(str(2**k) for k in range(1, 12)),
+                   help="comma-separated batch sizes B >= 2 (default 2,4,...,2048)")
+    p.add_argument("--repeats", default="4",
+                   help="batches drawn at the largest B; smaller B draw more, so that every cell averages over at "
+                        "least REPEATS x max(B) pairs (default 4)")
+    p.add_argument("--threshold", default="0.5",
+                   help="comma-separated error thresholds in (0, 1) for the needed batch and its fit (default 0.5)")
+    p.add_argument("--pairs", type=Path, default=None,
+                   help="a pair store from `lmm pairs` (e.g. RUN/pairs): also measure OT on the teacher's coupling")
+    p.add_argument("--resolutions", default=None,
+                   help="with --pairs: comma-separated resolutions that divide the store's (e.g. 7,14,28); images are "
+                        "average-pooled, noise rescaled to unit variance (default: the store's and its halvings "
+                        "down to 4)")
+    p.add_argument("--seed", default="0", help="seed of the Gaussians and the draws (default 0)")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.set_defaults(func=cmd_analyze_ot)
+
+    p = analyze.add_parser(
+        "singularity", help="endpoint predictions collapsing toward the data mean near the noise end",
+        formatter_class=fmt,
+        description="For RUN/teacher (along its own deterministic ODE, written in line time) and RUN/student (along "
+                    "the line from z to its one-step endpoint), on seeded noises: the endpoint prediction's RMS "
+                    "distance to the data mean and its per-pixel spread across samples, relative to the data's own, "
+                    "at line times from 0 to 0.9; and the teacher path's straightness. Writes "
+                    "RUN/analysis/singularity.json and .svg plots (shown by `lmm report`).")
+    p.add_argument("run_dir", type=Path, help="run folder holding teacher/ and/or student/ and config.json")
+    p.add_argument("--n", default="512", help="number of seeded noises (default 512)")
+    p.add_argument("--seed", default="0", help="noise seed (default 0)")
+    p.add_argument("--steps", default="32",
+                   help="uniform Euler steps of the teacher's line-time ODE; the analysis times are added to them "
+                        "(default 32)")
+    p.add_argument("--batch-size", default="256", help="noises per network call (default 256)")
+    p.add_argument("--device", default="cpu", help="auto | cpu | cuda | cuda:N (default cpu)")
+    p.set_defaults(func=cmd_analyze_singularity)
     return parser
 
 
