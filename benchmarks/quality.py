@@ -22,6 +22,8 @@ wall time is in the table.
 
 Each row trains in OUT/<method> (teacher/ and pairs/ link to RUN's) and keeps its metrics in
 OUT/<method>/quality.json, so an interrupted run resumes row by row (training resumes from its checkpoints).
+OUT/quality.html shows the table and every method's samples side by side (the same seeded noise for all, at the
+best sampler of each NFE); OUT/quality.json holds every row.
 
     python benchmarks/quality.py -c configs/fashion_mnist.toml --run runs/fashion_mnist --out runs/quality \\
         [--methods teacher,lmm_l2,...] [--nfe 1,2] [--bench BENCHMARKS.md] [KEY=VALUE ...]
@@ -29,6 +31,7 @@ OUT/<method>/quality.json, so an interrupted run resumes row by row (training re
 from __future__ import annotations
 
 import argparse
+import html
 import json
 import re
 import time
@@ -36,10 +39,14 @@ from pathlib import Path
 from typing import Any
 
 from lmm.config import load_config
+from lmm.data.images import save_image_grid
 from lmm.data.pairs import open_pairs
 from lmm.evaluate import evaluate_inputs, reference_cache
 from lmm.io import atomic_write_text, save_json
-from lmm.pipeline import generate_pairs, train_student, train_teacher
+from lmm.models import load_model
+from lmm.pipeline import generate_pairs, sample, train_student, train_teacher
+from lmm.solvers import steps_within
+from lmm.teachers import Teacher
 
 METHODS = ("teacher", "lmm_l2", "lmm_full", "reflow", "ot_cfm", "consistency")
 BEGIN, END = "<!-- quality:begin -->", "<!-- quality:end -->"
@@ -131,7 +138,7 @@ def table(rows: list[dict[str, Any]], nfes: list[int], passes: dict[str, int], c
     for row in rows:
         key = row["distance_key"]
         results = row["results"]
-        best = {k: min((r for r in results if r["nfe"] == k), key=lambda r: r[key], default=None) for k in nfes}
+        best = {k: _best(results, key, k) for k in nfes}
         steps = next((o.split("=")[1] for o in row["overrides"] if o.startswith("student.train.steps=")),
                      str(cfg["student"]["train"]["steps"]))
         if row["method"] == "teacher":
@@ -148,6 +155,41 @@ def table(rows: list[dict[str, Any]], nfes: list[int], passes: dict[str, int], c
                                          "" if straight is None else f"{straight:.3f}", spent, steps,
                                          f"{row['train_wall_s'] / 60:.1f}"]) + " |")
     return "\n".join(lines)
+
+
+def _best(results: list[dict[str, Any]], key: str, nfe: int) -> dict[str, Any] | None:
+    return min((r for r in results if r["nfe"] == nfe), key=lambda r: r[key], default=None)
+
+
+def write_page(rows: list[dict[str, Any]], out: Path, text: str, nfes: list[int], n: int, seed: int) -> Path:
+    """OUT/quality.html: the table, then one line of sample grids per method (n samples from the same seeded noise
+    at the best sampler of each NFE; the teacher also at its own sampler)."""
+    parts = ["<h1>LMM against its rivals</h1>", f"<pre>{html.escape(text)}</pre>", "<table>"]
+    for row in rows:
+        folder = out / row["method"]
+        model, _ = load_model(folder / ("teacher" if row["method"] == "teacher" else "student"))
+        picks = [r for r in (_best(row["results"], row["distance_key"], k) for k in nfes) if r is not None]
+        if row["method"] == "teacher":
+            picks.append(max(row["results"], key=lambda r: r["nfe"]))
+        cells = []
+        for r in picks:
+            if isinstance(model, Teacher):
+                how = {"solver": r["solver"], "steps": steps_within(r["solver"], r["nfe"], model.singular_end),
+                       "schedule": "trimmed"}
+            else:
+                how = {"grid": r["time_grid"]}
+            images = sample(model, n, seed=seed, batch_size=n, **how)["images"]
+            name = f"{row['method']}/samples_nfe{r['nfe']}_{r['solver']}.png"
+            save_image_grid(images, out / name)
+            cells.append(f"<td><img src='{html.escape(name)}' style='width:220px;image-rendering:pixelated'><br>"
+                         f"{html.escape(r['label'])}: {r[row['distance_key']]:.2f}</td>")
+        parts.append(f"<tr><th>{html.escape(row['method'])}</th>{''.join(cells)}</tr>")
+    parts.append("</table>")
+    page = out / "quality.html"
+    atomic_write_text(page, "<!doctype html><meta charset='utf-8'><title>lmm quality</title>"
+                      "<style>body{font-family:system-ui,sans-serif}td,th{padding:6px;vertical-align:top;"
+                      "font-size:13px}</style>" + "".join(parts))
+    return page
 
 
 def write_bench(path: Path, text: str) -> None:
@@ -197,6 +239,7 @@ def main() -> None:
             f"pairs {passes['pairs']:,}, student training {passes['student']:,}).\n\n" + table(rows, args.nfe, passes, cfg))
     print(text)
     save_json(args.out / "quality.json", rows)
+    write_page(rows, args.out, text, args.nfe, 32, cfg["eval"]["seed"])
     if args.bench is not None:
         write_bench(args.bench, text)
 

@@ -207,6 +207,9 @@ def test_quality(tiny_run, tmp_path):
     assert 3 in {r["nfe"] for r in rows[0]["results"]}  # the teacher's pair sampler
     text = bench.read_text()
     assert "old" not in text and "| consistency |" in text and text.endswith("## after\n")
+    page = (out / "quality.html").read_text()
+    assert all(f"<th>{m}</th>" in page for m in methods)
+    assert (out / "consistency" / "samples_nfe2_lines.png").is_file()
     # a rerun finds every row done
     again = _bench("quality.py", "--run", tiny_run, "--out", out, *TINY, "eval.batch_size=32", timeout=120)
     assert json.loads((out / "quality.json").read_text()) == rows and "672 network passes" in again
