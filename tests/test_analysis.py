@@ -30,13 +30,7 @@ TOY_RUN = ["-c", str(Path(__file__).parent.parent / "configs" / "toy_moons.toml"
            "pairs.shard_size=256", "pairs.batch_size=256", "data.n=2000"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: these models are tiny, and on a loaded 2-core machine a second thread costs ~5x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # in-process stages on one thread (see conftest)
 
 
 def _spd(d: int, seed: int) -> torch.Tensor:

@@ -108,13 +108,7 @@ def _files(folder: Path) -> dict[str, bytes]:
             if p.is_file() and not any(s == p or s in p.parents for s in skip)}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """In-process stages on one thread too (two threads on two busy cores spin and crawl)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # in-process stages on one thread (see conftest)
 
 
 @pytest.fixture(scope="module")
