@@ -24,7 +24,7 @@ TINY = ["teacher.net.channels=8", "student.net.channels=8", "run.progress=false"
         "teacher.train.ckpt_every=4", "student.train.ckpt_every=4", "pairs.n=96", "pairs.shard_size=64",
         "pairs.batch_size=64", "eval.n=32"]
 SMOKE_TESTED = {"ablate_student.py", "bench_bf16.py", "bench_features.py", "bench_nets.py", "edm_costs.py",
-                "bench_pairstore_memory.py", "bench_pipeline_speed.py", "quality.py", "teacher_solvers.py"}
+                "bench_pairstore_memory.py", "bench_pipeline_speed.py", "quality.py", "student_diagnostics.py", "teacher_solvers.py"}
 
 
 def _bench(script: str, *args: str, timeout: float = 120) -> str:
@@ -213,3 +213,23 @@ def test_quality(tiny_run, tmp_path):
     # a rerun finds every row done
     again = _bench("quality.py", "--run", tiny_run, "--out", out, *TINY, "eval.batch_size=32", timeout=120)
     assert json.loads((out / "quality.json").read_text()) == rows and "672 network passes" in again
+
+
+def test_student_diagnostics(tiny_run, tmp_path):
+    run = tmp_path / "adv"
+    run.mkdir()
+    for part in ("teacher", "pairs"):
+        (run / part).symlink_to(Path(tiny_run) / part)
+    adv = [*TINY, "student.loss={l2=1.0,adversarial=0.1}", "student.adversarial.resolution=32"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(["train", f"run.dir={run}", *adv, "student.train.log_every=2"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    stdout = _bench("student_diagnostics.py", "--run", run, *adv, "-n", "40", "--every", "2")
+    result = json.loads((run / "diagnostics" / "diagnostics.json").read_text())
+    assert result["n"] == 40 and set(result["discriminator"]) == {"augmented", "plain"}
+    assert all(0 <= s["accuracy"] <= 1 and math.isfinite(s["hinge"]) for s in result["discriminator"].values())
+    assert [r["step"] for r in result["curves"]] == [2, 4] and "| plain |" in stdout
+    assert (run / "diagnostics" / "samples_nfe1.png").is_file() and (run / "diagnostics" / "curves.svg").is_file()
