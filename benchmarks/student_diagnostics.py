@@ -45,10 +45,7 @@ def disc_scores(term, x: torch.Tensor, y: torch.Tensor | None, augment: bool, ba
     out = []
     for i in range(0, x.shape[0], batch):
         xb, yb = x[i:i + batch], None if y is None else y[i:i + batch]
-        if augment:
-            out.append(term.logits(term.disc, xb, yb))
-        else:
-            out.append(term.disc(term.features(xb), yb if term.num_classes else None))
+        out.append(term.logits(term.disc, xb, yb, augment))
     return torch.cat(out)
 
 

@@ -182,6 +182,7 @@ def train_student(cfg: dict, store: str | Path | None = None, teacher_path: str 
     if s["init"] not in ("teacher", "scratch"):
         raise ValueError(f"student.init: unknown '{s['init']}'; valid: teacher, scratch")
     kind = student_objective_class(s["objective"])
+    wants_teacher = s["init"] == "teacher" or kind.needs_teacher
     if kind.source == "pairs":
         store = Path(store or run / "pairs")
         manifest = open_pairs(store).manifest
@@ -189,13 +190,13 @@ def train_student(cfg: dict, store: str | Path | None = None, teacher_path: str 
         source: Any = PairSource(store, seed=seed, window=s["window"])
         trained_on = {"pairs": {"path": str(store), "teacher_sha256": manifest["teacher"]["sha256"],
                                 "n": manifest["n_pairs"]}}
-        tpath = store_teacher(manifest, teacher_path, run) if s["init"] == "teacher" or kind.needs_teacher else None
+        tpath = store_teacher(manifest, teacher_path, run) if wants_teacher else None
     else:
         data = load_data(cfg)
         shape, ncls = data.data_shape, num_classes(cfg, data)
         source = data.source(seed, labels=ncls > 0)
         trained_on = {"data": {"name": data.name, "n": len(data)}}
-        tpath = model_path(teacher_path or run / "teacher") if s["init"] == "teacher" or kind.needs_teacher else None
+        tpath = model_path(teacher_path or run / "teacher") if wants_teacher else None
         if tpath is not None:
             trained_on["teacher_sha256"] = path_sha256(tpath)
     teacher, tmeta = load_model(tpath) if tpath is not None else (None, None)

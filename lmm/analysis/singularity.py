@@ -11,10 +11,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
+from lmm.data.datasets import model_rows
 from lmm.io import atomic_write_text, save_json
 from lmm.metrics.straightness import endpoint_spread, straightness
 
@@ -42,9 +42,7 @@ def run_config(run: Path) -> dict:
 
 
 def _rows(images: Any, i: int, j: int) -> Tensor:
-    rows = images[i:j]
-    t = rows if isinstance(rows, Tensor) else torch.from_numpy(np.asarray(rows))
-    return t.double().div_(127.5).sub_(1.0) if t.dtype == torch.uint8 else t.double()
+    return model_rows(images, slice(i, j), torch.float64).double()
 
 
 def data_statistics(data: Any, chunk: int = 8192) -> dict[str, Any]:

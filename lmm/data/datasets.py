@@ -99,10 +99,14 @@ class ChunkedArray:
         return joined if dtype is None else joined.astype(dtype, copy=False)
 
 
-def _rows(values: Tensor | np.ndarray | ChunkedArray, idx: Tensor) -> Tensor:
-    """values[idx] as a tensor; uint8 rows become float32 v/127.5 - 1."""
-    rows = values[idx] if isinstance(values, Tensor) else torch.from_numpy(np.asarray(values[idx.numpy()]))
-    return rows.float().div_(127.5).sub_(1.0) if rows.dtype == torch.uint8 else rows
+def model_rows(values: Tensor | np.ndarray | ChunkedArray, idx: Tensor | slice,
+               dtype: torch.dtype = torch.float32) -> Tensor:
+    """values[idx] (idx: a tensor of indices or a slice) as a tensor; uint8 rows become v/127.5 - 1 in `dtype`,
+    other rows keep their dtype."""
+    if not isinstance(values, Tensor) and isinstance(idx, Tensor):
+        idx = idx.numpy()
+    rows = values[idx] if isinstance(values, Tensor) else torch.from_numpy(np.asarray(values[idx]))
+    return rows.to(dtype).div_(127.5).sub_(1.0) if rows.dtype == torch.uint8 else rows
 
 
 @dataclass
@@ -132,7 +136,7 @@ class ImageData:
         training reads batches through `source`)."""
         if isinstance(self.images, Tensor):
             return self.images
-        return torch.from_numpy(np.array(self.images)).float().div_(127.5).sub_(1.0)
+        return model_rows(self.images, slice(None))
 
     def uint8_nhwc(self) -> np.ndarray | ChunkedArray:
         """(N, H, W, C) uint8: a view of uint8 images, or to_uint8 of float ones (digits)."""
@@ -637,4 +641,4 @@ class TensorSource:
     def batch(self, step: int, rank: int, world: int, batch_size: int) -> dict[str, Tensor]:
         """Rank's slice of the global batch at step: {key: (batch_size, ...)}."""
         idx = self.indices(step, rank, world, batch_size)
-        return {k: _rows(v, idx) for k, v in self.tensors.items()}
+        return {k: model_rows(v, idx) for k, v in self.tensors.items()}

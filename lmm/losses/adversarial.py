@@ -122,9 +122,11 @@ class Adversarial(LossTerm):
         self.disc = ProjectedDiscriminator(self.features.channels, self.width, num_classes, self.seed)
         self.num_classes = num_classes
 
-    def logits(self, disc: nn.Module, x: Tensor, y: Tensor | None) -> Tensor:
-        """(B,) discriminator logits of images x (B, C, H, W) in [-1, 1], augmented."""
-        return disc(self.features(diff_augment(x, self.augment)), y if self.num_classes else None)
+    def logits(self, disc: nn.Module, x: Tensor, y: Tensor | None, augment: bool = True) -> Tensor:
+        """(B,) discriminator logits of images x (B, C, H, W) in [-1, 1], augmented as in training unless `augment`
+        is False."""
+        x = diff_augment(x, self.augment) if augment else x
+        return disc(self.features(x), y if self.num_classes else None)
 
     def forward(self, pred: Tensor, target: Tensor, ctx: dict[str, Any]) -> Tensor:
         if self.disc is None:

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from lmm.nets.precond import bcast
 
-__all__ = ["Objective", "STUDENT_PRECONDS", "bcast", "sample_times", "student_precond"]
+__all__ = ["Objective", "STUDENT_PRECONDS", "bcast", "loss_config", "sample_times", "student_precond"]
 
 
 class Objective(nn.Module):
@@ -86,6 +86,12 @@ def sample_times(n: int, time_sampling: str, logit_mean: float, logit_std: float
 
 
 STUDENT_PRECONDS = ("teacher", "lines", "none")
+
+
+def loss_config(scfg: dict) -> dict[str, Any]:
+    """{loss, loss_options} of config section `student`: the term weights `student.loss` and, per term, its options
+    table `student.<term>` (lmm.losses.combined.LossSum)."""
+    return {"loss": scfg["loss"], "loss_options": {k: scfg[k] for k in scfg["loss"] if isinstance(scfg.get(k), dict)}}
 
 
 def student_precond(precond: str, sigma_data: float, tcfg: dict | None) -> dict[str, Any]:

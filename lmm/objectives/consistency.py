@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from lmm.losses.combined import LossSum
 from lmm.nets.precond import LinesModel
-from lmm.objectives.base import Objective, bcast, student_precond
+from lmm.objectives.base import Objective, bcast, loss_config, student_precond
 
 SOLVERS = ("euler", "heun")
 
@@ -71,9 +71,8 @@ class Consistency(Objective):
         if tcfg is None:
             raise ValueError("consistency distillation needs a teacher")
         c = scfg["consistency"]
-        return cls(loss=scfg["loss"], loss_options={k: scfg[k] for k in scfg["loss"] if isinstance(scfg.get(k), dict)},
-                   steps=c["steps"], ema=c["ema"], solver=c["solver"], sigma_min=tcfg["sigma_min"],
-                   grid_sigma_max=tcfg["sigma_max"], rho=tcfg["rho"],
+        return cls(**loss_config(scfg), steps=c["steps"], ema=c["ema"], solver=c["solver"],
+                   sigma_min=tcfg["sigma_min"], grid_sigma_max=tcfg["sigma_max"], rho=tcfg["rho"],
                    **student_precond(scfg["precond"], scfg["sigma_data"], tcfg))
 
     def build_model(self, net: nn.Module) -> nn.Module:

@@ -6,7 +6,7 @@ from torch import Tensor, nn
 
 from lmm.losses.combined import LossSum
 from lmm.nets.precond import PRECONDS, LinesModel, lines_coefficients
-from lmm.objectives.base import Objective, bcast, sample_times, student_precond
+from lmm.objectives.base import Objective, bcast, loss_config, sample_times, student_precond
 
 TIME_SAMPLINGS = ("uniform", "logit_normal", "grid")
 WEIGHTINGS = ("none", "balanced")
@@ -80,9 +80,8 @@ class Lines(Objective):
 
     @classmethod
     def from_config(cls, scfg: dict, tcfg: dict | None) -> Lines:
-        return cls(loss=scfg["loss"], loss_options={k: scfg[k] for k in scfg["loss"] if isinstance(scfg.get(k), dict)},
-                   time_sampling=scfg["time_sampling"], grid=tuple(scfg["grid"]), weighting=scfg["weighting"],
-                   logit_mean=scfg["logit_mean"], logit_std=scfg["logit_std"],
+        return cls(**loss_config(scfg), time_sampling=scfg["time_sampling"], grid=tuple(scfg["grid"]),
+                   weighting=scfg["weighting"], logit_mean=scfg["logit_mean"], logit_std=scfg["logit_std"],
                    **student_precond(scfg["precond"], scfg["sigma_data"], tcfg))
 
     def setup(self, data_shape: tuple[int, ...], num_classes: int, reals=None, **_) -> None:
