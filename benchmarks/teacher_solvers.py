@@ -11,18 +11,22 @@ same seeded noise:
 `--ema raw` samples the raw (non-averaged) weights of the teacher's last training checkpoint instead, to see what
 the EMA changes; `--float64` keeps the solver state of the error column in float64 (the network still runs in float32);
 `--sigma-min S` moves an EDM teacher's schedule end (its smallest nonzero sigma), to see what the network does there.
+A sampler SOLVER:STEPS:SCHEDULE:RHO:SIGMA_MIN samples an EDM teacher on the rho-schedule with that RHO and SIGMA_MIN
+(the reference keeps the teacher's own), to tune the pair sampler's grid.
 
     python benchmarks/teacher_solvers.py --run runs/fashion_mnist -c configs/fashion_mnist.toml -n 1000 \\
         --samplers euler:16:edm,heun:12:edm,heun:12:trimmed,dpm++2m:23:trimmed [KEY=VALUE ...] [--out F.json]
     python benchmarks/teacher_solvers.py --run runs/fashion_mnist -c configs/fashion_mnist.toml -n 0 --err-n 256 \
-        --ref heun:18:edm --samplers dpm++2m:12:edm,dpm++2m:17:trimmed [--teacher FILE]
+        --ref heun:18:edm --samplers dpm++2m:12:edm,dpm++2m:17:trimmed,dpm++3m:18:trimmed:10:0.006 [--teacher FILE]
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -36,20 +40,40 @@ from lmm.teachers import Teacher, sample_teacher
 
 
 def parse_samplers(text: str) -> list[dict]:
-    """"euler:16:edm,dpm++2m:8:trimmed" -> [{"solver": "euler", "steps": 16, "schedule": "edm"}, ...]."""
+    """"euler:16:edm,dpm++3m:18:trimmed:10:0.006" -> [{"solver": "euler", "steps": 16, "schedule": "edm"},
+    {"solver": "dpm++3m", "steps": 18, "schedule": "trimmed", "rho": 10.0, "sigma_min": 0.006}]."""
     out = []
     for item in filter(None, text.split(",")):
         parts = item.split(":")
-        if len(parts) != 3:
-            raise SystemExit(f"--samplers: {item!r} is not SOLVER:STEPS:SCHEDULE")
-        out.append({"solver": parts[0], "steps": int(parts[1]), "schedule": parts[2]})
+        if len(parts) not in (3, 5):
+            raise SystemExit(f"--samplers: {item!r} is not SOLVER:STEPS:SCHEDULE[:RHO:SIGMA_MIN]")
+        how = {"solver": parts[0], "steps": int(parts[1]), "schedule": parts[2]}
+        if len(parts) == 5:
+            how.update(rho=float(parts[3]), sigma_min=float(parts[4]))
+        out.append(how)
     return out
+
+
+@contextlib.contextmanager
+def grid_of(teacher: Teacher, how: dict) -> Iterator[dict]:
+    """Inside: the teacher's rho / sigma_min are `how`'s (if it names them); yields the sample_teacher arguments."""
+    saved = {k: getattr(teacher, k) for k in ("rho", "sigma_min") if k in how}
+    if saved and not hasattr(teacher, "rho"):
+        raise SystemExit(f"--samplers: RHO:SIGMA_MIN need an EDM teacher, not {type(teacher).__name__}")
+    for k in saved:
+        setattr(teacher, k, how[k])
+    try:
+        yield {k: how[k] for k in ("solver", "steps", "schedule")}
+    finally:
+        for k, v in saved.items():
+            setattr(teacher, k, v)
 
 
 @torch.no_grad()
 def endpoint_error(teacher: Teacher, z: torch.Tensor, reference_x: torch.Tensor, how: dict, float64: bool) -> float:
-    x = sample_teacher(teacher, z.double() if float64 else z, how["steps"], how["solver"],
-                       schedule=how["schedule"]).x.double()
+    with grid_of(teacher, how) as h:
+        x = sample_teacher(teacher, z.double() if float64 else z, h["steps"], h["solver"],
+                           schedule=h["schedule"]).x.double()
     return float((x - reference_x).flatten(1).norm(dim=1).div(reference_x.flatten(1).norm(dim=1)).mean())
 
 
@@ -93,7 +117,8 @@ def main() -> None:
         row = {**how, "nfe": nfe, "err": endpoint_error(teacher, z, x_ref, how, args.float64)}
         if ref is not None:
             start = time.perf_counter()
-            out = sample(teacher, args.n, seed=e["seed"], batch_size=e["batch_size"], **how)
+            with grid_of(teacher, how) as h:
+                out = sample(teacher, args.n, seed=e["seed"], batch_size=e["batch_size"], **h)
             row.update(score(ref, out["images"]), seconds=round(time.perf_counter() - start, 1))
         rows.append(row)
         print(json.dumps(rows[-1]), flush=True)
@@ -106,7 +131,8 @@ def main() -> None:
     print(f"| solver | steps | schedule | NFE | rel. error |{cols}\n|---|---|---|---|---|{'---|---|---|' if key else ''}")
     for r in rows:
         tail = f" {r[key]:.3f} | {r['precision']:.3f} | {r['recall']:.3f} |" if key else ""
-        print(f"| {r['solver']} | {r['steps']} | {r['schedule']} | {r['nfe']} | {r['err']:.4f} |{tail}")
+        grid = f" (rho {r['rho']:g}, sigma_min {r['sigma_min']:g})" if "rho" in r else ""
+        print(f"| {r['solver']} | {r['steps']} | {r['schedule']}{grid} | {r['nfe']} | {r['err']:.4f} |{tail}")
     if args.out:
         args.out.write_text(json.dumps(rows, indent=1))
 

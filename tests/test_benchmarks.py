@@ -24,7 +24,8 @@ TINY = ["teacher.net.channels=8", "student.net.channels=8", "run.progress=false"
         "teacher.train.ckpt_every=4", "student.train.ckpt_every=4", "pairs.n=96", "pairs.shard_size=64",
         "pairs.batch_size=64", "eval.n=32"]
 SMOKE_TESTED = {"ablate_student.py", "bench_bf16.py", "bench_features.py", "bench_nets.py", "edm_costs.py",
-                "bench_pairstore_memory.py", "bench_pipeline_speed.py", "quality.py", "student_diagnostics.py", "teacher_solvers.py"}
+                "bench_pairstore_memory.py", "bench_pipeline_speed.py", "quality.py", "student_diagnostics.py", "teacher_solvers.py",
+                "train_memory.py"}
 
 
 def _bench(script: str, *args: str, timeout: float = 120) -> str:
@@ -157,6 +158,30 @@ def test_bench_pairstore_memory(tmp_path):
     assert all(float(r[-1]) > 0 for r in rows)
 
 
+def test_train_memory(tmp_path):
+    """`lmm train` of the imagenet64 preset (full loss) on tiny synthetic ImageNet-64 stores, with a tiny ADM net."""
+    net = '{kind="dhariwalunet",model_channels=16,channel_mult=[1],num_blocks=1,attn_resolutions=[]}'
+    out, work = tmp_path / "mem.json", tmp_path / "work"
+    # full store: 88 pairs = 5 shards of 16 + a short one (both generated, the 4 others hard links); small: one
+    # window (student.window=4 shards of 16)
+    stdout = _bench("train_memory.py", "--images", "300", "--pairs", "88", "--small-images", "100", "--steps", "1",
+                    "--dir", work, "--json", out, "pairs.shard_size=16", "pairs.batch_size=16", f"teacher.net={net}",
+                    f"student.net={net}", timeout=300)
+    assert "| store | images | pairs (shards) | apparent GB (images + pairs) | peak RSS MiB |" in stdout
+    assert "| full | 300 | 88 (6) |" in stdout and "full - small:" in stdout
+    result = json.loads(out.read_text())
+    rows = {r["store"]: r for r in result["rows"]}
+    assert list(rows) == ["small", "full"]
+    assert (rows["small"]["pairs"], rows["small"]["shards"], rows["small"]["generated"]) == (64, 4, 1)
+    assert (rows["full"]["shards"], rows["full"]["generated"]) == (6, 2)
+    assert rows["full"]["disk_bytes"] < rows["full"]["apparent_bytes"]
+    for r in rows.values():
+        assert r["rc"] == 0 and r["killed"] is None and r["steps_done"] == 1
+        assert r["peak_rss_mib"] > 0 and r["steps_peak_mib"] > 0 and r["anon_mib"] > 0 and r["wall_s"] > 0
+    assert result["student_net"] == result["teacher_net"] and result["loss"]["adversarial"] > 0
+    assert work.is_dir() and not any(work.iterdir())  # the work folder is removed
+
+
 def test_bench_pipeline_speed():
     stdout = _bench("bench_pipeline_speed.py", "--pairs", "64", "--steps", "4", "--repeats", "1",
                     "teacher.net.channels=8", "student.net.channels=8", "teacher.steps=3",
@@ -176,9 +201,13 @@ def test_teacher_solvers(tiny_run, tmp_path):
     assert [(r["solver"], r["steps"], r["schedule"], r["nfe"]) for r in rows] == [
         ("euler", 2, "edm", 2), ("heun", 2, "trimmed", 3)]
     assert all(math.isfinite(r["err"]) and math.isfinite(r["fd_pixel"]) for r in rows)
-    stdout = _bench("teacher_solvers.py", "--run", tiny_run, *TINY, "--samplers", "dpm++2m:3:trimmed", "-n", "0",
-                    "--err-n", "4", "--ref", "heun:4:edm", "--teacher", Path(tiny_run) / "teacher" / "model.safetensors")
+    stdout = _bench("teacher_solvers.py", "--run", tiny_run, *TINY, "--samplers",
+                    "dpm++2m:3:trimmed,dpm++2m:3:trimmed:7:0.002,dpm++2m:3:trimmed:10:0.01", "-n", "0", "--err-n", "4",
+                    "--ref", "heun:4:edm", "--teacher", Path(tiny_run) / "teacher" / "model.safetensors", "--out", out)
     assert "err against heun 4 steps (edm, 7 NFE, float64)" in stdout and "| dpm++2m | 3 | trimmed | 3 |" in stdout
+    assert "| dpm++2m | 3 | trimmed (rho 10, sigma_min 0.01) | 3 |" in stdout
+    default, same, other = (r["err"] for r in json.loads(out.read_text()))
+    assert same == default != other
 
 
 def test_edm_costs():
