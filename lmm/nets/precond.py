@@ -107,8 +107,7 @@ class EDMDenoiser(_Wrapper):
 
     def __init__(self, net: nn.Module, sigma_data: float = 0.5, denoiser: str = "edm") -> None:
         super().__init__(net)
-        if denoiser not in DENOISERS:
-            raise ValueError(f"unknown denoiser {denoiser!r}; valid: {', '.join(DENOISERS)}")
+        check_precond(None, denoiser)
         self.sigma_data = float(sigma_data)
         self.denoiser = denoiser
 
@@ -117,6 +116,14 @@ class EDMDenoiser(_Wrapper):
 
 
 PRECONDS = ("edm", "velocity", "lines", "none")
+
+
+def check_precond(precond: str | None, denoiser: str) -> None:
+    """Raise ValueError unless `precond` is one of PRECONDS (None: not checked) and `denoiser` one of DENOISERS."""
+    if precond is not None and precond not in PRECONDS:
+        raise ValueError(f"unknown student precond {precond!r}; valid: {', '.join(PRECONDS)}")
+    if denoiser not in DENOISERS:
+        raise ValueError(f"unknown denoiser {denoiser!r}; valid: {', '.join(DENOISERS)}")
 
 
 class LinesModel(_Wrapper):
@@ -135,10 +142,7 @@ class LinesModel(_Wrapper):
     def __init__(self, net: nn.Module, sigma_data: float = 0.5, precond: str = "lines",
                  sigma_max: float = 80.0, denoiser: str = "edm") -> None:
         super().__init__(net)
-        if precond not in PRECONDS:
-            raise ValueError(f"unknown student precond {precond!r}; valid: {', '.join(PRECONDS)}")
-        if denoiser not in DENOISERS:
-            raise ValueError(f"unknown denoiser {denoiser!r}; valid: {', '.join(DENOISERS)}")
+        check_precond(precond, denoiser)
         self.sigma_data = float(sigma_data)
         self.precond = precond
         self.sigma_max = float(sigma_max)
@@ -170,6 +174,7 @@ __all__ = [
     "VelocityModel",
     "batch_times",
     "bcast",
+    "check_precond",
     "edm_coefficients",
     "edm_denoise",
     "edm_line_scale",

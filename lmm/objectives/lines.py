@@ -5,7 +5,7 @@ import torch
 from torch import Tensor, nn
 
 from lmm.losses.combined import LossSum
-from lmm.nets.precond import PRECONDS, LinesModel, lines_coefficients
+from lmm.nets.precond import LinesModel, check_precond, lines_coefficients
 from lmm.objectives.base import Objective, bcast, loss_config, sample_times, student_precond
 
 TIME_SAMPLINGS = ("uniform", "logit_normal", "grid")
@@ -71,8 +71,7 @@ class Lines(Objective):
         self.logit_std = float(logit_std)
         if isinstance(precond, bool):  # model files written before precond named a parameterisation
             precond = "lines" if precond else "none"
-        if precond not in PRECONDS:
-            raise ValueError(f"unknown precond {precond!r} for lines; valid: {', '.join(PRECONDS)}")
+        check_precond(precond, denoiser)
         self.sigma_data = float(sigma_data)
         self.precond = precond
         self.sigma_max = float(sigma_max)

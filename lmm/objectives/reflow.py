@@ -5,7 +5,7 @@ import torch
 from torch import Tensor, nn
 
 from lmm.losses.l2 import l2
-from lmm.nets.precond import LinesModel
+from lmm.nets.precond import LinesModel, check_precond
 from lmm.objectives.base import Objective, bcast, student_precond
 
 T_MAX = 0.999
@@ -27,7 +27,7 @@ class Reflow(Objective):
                  denoiser: str = "edm") -> None:
         super().__init__()
         self.precond, self.sigma_data, self.sigma_max, self.denoiser = precond, float(sigma_data), float(sigma_max), denoiser
-        LinesModel(nn.Identity(), sigma_data, precond, sigma_max, denoiser)
+        check_precond(precond, denoiser)
 
     @classmethod
     def from_config(cls, scfg: dict, tcfg: dict | None) -> Reflow:
