@@ -26,8 +26,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
+from safetensors.torch import save_file as st_save_file
 
-from lmm.io import atomic_write_bytes
+from lmm.io import atomic_write_bytes, file_sha256
 
 CHECKPOINT_FORMAT = "lmm-checkpoint/2"
 _OLD_CHECKPOINT_FORMATS = ("lmm-checkpoint/1",)
@@ -47,6 +48,11 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
 
 
 def _write_bytes(path: Path, data: bytes) -> None:
@@ -142,6 +148,9 @@ def save_checkpoint(run_dir: str | Path, step: int, tensors: dict[str, dict[str,
                     state: dict[str, Any], meta: dict[str, Any], keep: int = 2) -> Path:
     """Write run_dir/checkpoints/step-{step:08d}/ atomically; keep only the newest `keep` checkpoints.
 
+    Each file is written straight into a temporary folder (one tensor group's CPU copy in memory at a time) and
+    hashed from disk; the folder is renamed into place once complete.
+
     tensors: {"model": state_dict, "ema": state_dict, ...} -> one `<name>.safetensors` each.
     state: torch.save-able with weights_only loading (tensors, numbers, strings, lists, dicts).
     meta: JSON-serialisable.
@@ -155,25 +164,28 @@ def save_checkpoint(run_dir: str | Path, step: int, tensors: dict[str, dict[str,
     for half_deleted in root.glob("step-*"):
         if half_deleted.is_dir() and not (half_deleted / "meta.json").is_file():
             shutil.rmtree(half_deleted, ignore_errors=True)
-    files: dict[str, bytes] = {}
-    for name, sd in tensors.items():
+    for name in tensors:
         if not _NAME.fullmatch(name) or name == "state":
             raise ValueError(f"checkpoint tensor group name '{name}' must match [A-Za-z0-9_-]+ and not be 'state'")
-        files[f"{name}.safetensors"] = st_save(_plain_tensors(sd))
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    files["state.pt"] = buf.getvalue()
-    record = {"format": CHECKPOINT_FORMAT, "step": step,
-              "sha256": {fname: _sha256(data) for fname, data in files.items()}, "meta": meta}
-    record["record_sha256"] = _record_digest(record)
-    files["meta.json"] = _json_bytes(record, "checkpoint meta")
-
     final = root / step_dir_name(step)
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     tmp.mkdir()
-    for fname, data in files.items():
-        _write_bytes(tmp / fname, data)
-    _fsync_dir(tmp)
+    try:
+        for name, sd in tensors.items():
+            st_save_file(_plain_tensors(sd), str(tmp / f"{name}.safetensors"))
+        with open(tmp / "state.pt", "wb") as f:
+            torch.save(state, f)
+        files = [f"{name}.safetensors" for name in tensors] + ["state.pt"]
+        for fname in files:
+            _fsync_file(tmp / fname)
+        record = {"format": CHECKPOINT_FORMAT, "step": step,
+                  "sha256": {fname: file_sha256(tmp / fname) for fname in files}, "meta": meta}
+        record["record_sha256"] = _record_digest(record)
+        _write_bytes(tmp / "meta.json", _json_bytes(record, "checkpoint meta"))
+        _fsync_dir(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if final.exists():
         old = root / f".tmp-old-{final.name}-{os.getpid()}"
         os.rename(final, old)

@@ -17,7 +17,7 @@ import torch
 from lmm import dist
 from lmm.data.datasets import ImageData, TensorSource, load_dataset
 from lmm.data.images import save_image_grid, to_uint8
-from lmm.data.pairs import PairSource, make_pairs, open_pairs
+from lmm.data.pairs import PairSource, make_pairs
 from lmm.io import atomic_path, path_sha256, save_json
 from lmm.models import (
     build_model,
@@ -185,9 +185,9 @@ def train_student(cfg: dict, store: str | Path | None = None, teacher_path: str 
     wants_teacher = s["init"] == "teacher" or kind.needs_teacher
     if kind.source == "pairs":
         store = Path(store or run / "pairs")
-        manifest = open_pairs(store).manifest
-        shape, ncls = tuple(manifest["data_shape"]), manifest["num_classes"]
         source: Any = PairSource(store, seed=seed, window=s["window"])
+        manifest = source.store.manifest
+        shape, ncls = tuple(manifest["data_shape"]), manifest["num_classes"]
         trained_on = {"pairs": {"path": str(store), "teacher_sha256": manifest["teacher"]["sha256"],
                                 "n": manifest["n_pairs"]}}
         tpath = store_teacher(manifest, teacher_path, run) if wants_teacher else None
@@ -210,6 +210,7 @@ def train_student(cfg: dict, store: str | Path | None = None, teacher_path: str 
         _init_from_teacher(model, teacher, tmeta, tpath, s["net"])
     objective.setup(shape, ncls, reals=real_source(cfg, shape, ncls) if "adversarial" in getattr(objective, "loss", {})
                     else None, teacher=teacher if kind.needs_teacher else None, model=model)
+    del teacher
     kw = _train_kwargs(cfg, s, device)
     meta = model_meta("student", objective, s["net"], shape, ncls, cfg, kw["bf16"])
     meta.update(trained_on)

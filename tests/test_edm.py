@@ -130,6 +130,11 @@ def test_published_networks_match_their_layout(name):
             assert tuple(state[key].shape) == shape, key
 
 
+def test_attention_width_that_does_not_split_into_heads_is_refused():
+    with pytest.raises(ValueError, match="480 channels cannot be split into 7 heads of 64 channels"):
+        build_net({"kind": "dhariwalunet", "model_channels": 160, "channel_mult": [1, 2, 3, 4]}, (3, 64, 64), 1000)
+
+
 @pytest.mark.parametrize("name", list(PUBLISHED))
 def test_convert_published_network_round_trip_and_sample(name, tmp_path, monkeypatch):
     net, kwargs = _published(name, seed=1)

@@ -262,6 +262,14 @@ def test_checkpoint_atomicity_and_rotation(tmp_path: Path) -> None:
     assert latest_checkpoint(tmp_path / "nothing") is None
 
 
+def test_failed_checkpoint_write_leaves_the_previous_one(tmp_path: Path) -> None:
+    save_checkpoint(tmp_path, 10, _tensors(), {"step": 10}, {"k": 10})
+    with pytest.raises(Exception):
+        save_checkpoint(tmp_path, 20, _tensors(), {"step": 20, "bad": lambda: None}, {"k": 20})
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-00000010"]
+    assert load_checkpoint(latest_checkpoint(tmp_path))[2] == {"k": 10}
+
+
 @pytest.mark.parametrize("damage", ["garbage", "truncate", "flip"])
 def test_corrupt_checkpoint_names_file(tmp_path: Path, damage: str) -> None:
     path = save_checkpoint(tmp_path, 1, _tensors(), {"step": 1}, {})

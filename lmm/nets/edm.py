@@ -125,6 +125,10 @@ class UNetBlock(nn.Module):
         init_zero = init_zero if init_zero is not None else {"init_weight": 0}
         self.in_channels, self.out_channels = in_channels, out_channels
         self.num_heads = 0 if not attention else (num_heads or out_channels // channels_per_head)
+        if self.num_heads and out_channels % self.num_heads:
+            raise ValueError(f"an attention block of {out_channels} channels cannot be split into {self.num_heads} heads"
+                             + ("" if num_heads else f" of {channels_per_head} channels (model_channels x channel_mult "
+                                f"must be a multiple of {channels_per_head} at the attention resolutions)"))
         self.dropout, self.skip_scale, self.adaptive_scale = dropout, skip_scale, adaptive_scale
         self.norm0 = GroupNorm(in_channels, eps=eps)
         self.conv0 = Conv2d(in_channels, out_channels, 3, up=up, down=down, resample_filter=resample_filter, **init)
