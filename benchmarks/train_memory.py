@@ -30,12 +30,10 @@ stderr to WORK/train-STORE.log). Its peak RSS is the kernel's high-water mark (r
 polled peak, and the largest RssFile seen). The small store (--small-images, --small-pairs; default one window of
 student.window shards, so that both runs fill the same window buffer) differs from the full one in its size only.
 The table gives wall time of the whole call, the training loop (from the run's log.jsonl) and one sha256
-verification of the store (open_pairs, timed here; `lmm train` verifies the store twice at start-up: open_pairs in
-pipeline.train_student, then again in PairSource).
+verification of the store (open_pairs, timed here; `lmm train` verifies it once at start-up).
 
-Memory: the preset's 296M-parameter student + EMA + AdamW + the teacher it was initialised from take most of it, and
-train() builds its final checkpoint in RAM; measured here, the full run passes 13.5 GiB while writing that checkpoint.
---max-rss-gib kills a run at a limit (the table then shows where it stopped; "peak RSS through the steps" is still
+Memory: the preset's 296M-parameter student + EMA + AdamW take most of it (the teacher it is initialised from is
+released before training), plus one tensor group's copy while a checkpoint is written. --max-rss-gib kills a run at a limit (the table then shows where it stopped; "peak RSS through the steps" is still
 measured). A smaller net for a machine with less memory: teacher.net.model_channels=128 student.net.model_channels=128
 (ADM attention needs model_channels x channel_mult to be multiples of 64 at 32, 16 and 8 pixels: 64, 128 or 192).
 
