@@ -38,6 +38,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from lmm.config import load_config
 from lmm.data.images import save_image_grid
 from lmm.data.pairs import open_pairs
@@ -163,15 +165,17 @@ def _best(results: list[dict[str, Any]], key: str, nfe: int) -> dict[str, Any] |
 
 def write_page(rows: list[dict[str, Any]], out: Path, text: str, nfes: list[int], n: int, seed: int) -> Path:
     """OUT/quality.html: the table, then one line of sample grids per method (n samples from the same seeded noise
-    at the best sampler of each NFE; the teacher also at its own sampler)."""
+    at the best sampler of each NFE; the teacher also at its own sampler). OUT/quality_samples.png: one row per
+    method (in table order), its first 8 samples at each of `nfes` side by side."""
     parts = ["<h1>LMM against its rivals</h1>", f"<pre>{html.escape(text)}</pre>", "<table>"]
+    strips = []
     for row in rows:
         folder = out / row["method"]
         model, _ = load_model(folder / ("teacher" if row["method"] == "teacher" else "student"))
         picks = [r for r in (_best(row["results"], row["distance_key"], k) for k in nfes) if r is not None]
         if row["method"] == "teacher":
             picks.append(max(row["results"], key=lambda r: r["nfe"]))
-        cells = []
+        cells, strip = [], []
         for r in picks:
             if isinstance(model, Teacher):
                 how = {"solver": r["solver"], "steps": steps_within(r["solver"], r["nfe"], model.singular_end),
@@ -181,10 +185,16 @@ def write_page(rows: list[dict[str, Any]], out: Path, text: str, nfes: list[int]
             images = sample(model, n, seed=seed, batch_size=n, **how)["images"]
             name = f"{row['method']}/samples_nfe{r['nfe']}_{r['solver']}.png"
             save_image_grid(images, out / name)
+            if len(strip) < len(nfes):
+                strip.append(np.asarray(images[:8]))
             cells.append(f"<td><img src='{html.escape(name)}' style='width:220px;image-rendering:pixelated'><br>"
                          f"{html.escape(r['label'])}: {r[row['distance_key']]:.2f}</td>")
         parts.append(f"<tr><th>{html.escape(row['method'])}</th>{''.join(cells)}</tr>")
+        if len(strip) == len(nfes) and all(len(a) == 8 for a in strip):
+            strips.extend(strip)
     parts.append("</table>")
+    if strips:
+        save_image_grid(np.concatenate(strips), out / "quality_samples.png", nrow=8 * len(nfes))
     page = out / "quality.html"
     atomic_write_text(page, "<!doctype html><meta charset='utf-8'><title>lmm quality</title>"
                       "<style>body{font-family:system-ui,sans-serif}td,th{padding:6px;vertical-align:top;"

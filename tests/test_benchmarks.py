@@ -239,6 +239,9 @@ def test_quality(tiny_run, tmp_path):
     page = (out / "quality.html").read_text()
     assert all(f"<th>{m}</th>" in page for m in methods)
     assert (out / "consistency" / "samples_nfe2_lines.png").is_file()
+    from PIL import Image
+    width, height = Image.open(out / "quality_samples.png").size  # 6 methods x (8 samples x 2 NFE)
+    assert abs(height / width - 6 / 16) < 0.02
     # a rerun finds every row done
     again = _bench("quality.py", "--run", tiny_run, "--out", out, *TINY, "eval.batch_size=32", timeout=120)
     assert json.loads((out / "quality.json").read_text()) == rows and "672 network passes" in again
