@@ -261,12 +261,15 @@ def verify_seconds(store: Path) -> float:
 
 
 def machine() -> dict:
+    import torch
+
+    from lmm.dist import native_bf16
+
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
-    flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
     mem = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
                if line.startswith("MemTotal"))
-    return {"cpu": cpu, "cores": os.cpu_count(), "avx512_bf16": "avx512_bf16" in flags.split(),
+    return {"cpu": cpu, "cores": os.cpu_count(), "bf16_native": native_bf16(torch.device("cpu")),
             "mem_gib": round(mem / 2**20, 1),
             "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
 
@@ -285,8 +288,8 @@ def main() -> None:
     p.add_argument("--small-pairs", type=int, default=0, help="pairs of the small store (default 0: student.window x "
                    "pairs.shard_size, one window, which the full store's training also fills)")
     p.add_argument("--dtype", default="float16", choices=("float16", "float32"),
-                   help="pair store dtype (default float16; the preset leaves pairs.dtype at float32, which doubles "
-                        "the store and the window buffer)")
+                   help="pair store dtype (default float16, as the ImageNet-64 preset; float32 doubles the store and "
+                        "the window buffer)")
     p.add_argument("--steps", type=int, default=2, help="student.train.steps of each run (default 2)")
     p.add_argument("--batch", type=int, default=2, help="student.train.batch_size of each run (default 2)")
     p.add_argument("--dir", default=None, help="folder in which the work folder is made (default: the system's "
@@ -396,7 +399,7 @@ def main() -> None:
     ]
     print(f"\n{cfg['student']['net']['kind']} {n_params / 1e6:.1f}M parameters, loss {cfg['student']['loss']}, "
           f"batch {args.batch}, {args.steps} steps, pairs {args.dtype} x {shard_size} per shard, window {window}; "
-          f"{info['machine']['cpu']}, {info['machine']['cores']} cores, bf16 native: {info['machine']['avx512_bf16']}")
+          f"{info['machine']['cpu']}, {info['machine']['cores']} cores, bf16 native: {info['machine']['bf16_native']}")
     print("| store | images | pairs (shards) | apparent GB (images + pairs) | peak RSS MiB | peak RSS through the "
           "steps MiB | anon / file MiB at peak | wall s | train loop s | verify s |")
     print("|---|---|---|---|---|---|---|---|---|---|")
