@@ -4,9 +4,11 @@ An EDM pickle holds {"ema": network, "loss_fn": ..., "augment_pipe": ..., "datas
 are "persistent" objects that carry their Python source and rebuild themselves by executing it, so a plain
 `pickle.load` runs whatever code the file contains. `read_edm_pickle` never does: a restricted unpickler turns
 each persistent object into an inert `EDMObject` (class name + state, the source ignored), builds tensors from
-their serialised storages with `torch.load(weights_only=True)`, and refuses every other global. The network is
-then rebuilt from its recorded constructor arguments as lmm's own classes (lmm.nets.edm, lmm.nets.precond) and
-its weights loaded with a strict state dict.
+their serialised storages with `torch.load(weights_only=True)`, decodes the numpy scalars EDM passes to its
+modules (`np.sqrt(0.5)`, ...) from their bytes into Python bool/int/float/complex (numeric dtypes only), and
+refuses every other global (numpy arrays, plain torch modules, ...). The network is then rebuilt from its
+recorded constructor arguments as lmm's own classes (lmm.nets.edm, lmm.nets.precond) and its weights loaded
+with a strict state dict.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import collections
 import copy
 import io
 import pickle
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +81,35 @@ _ALLOWED: dict[tuple[str, str], Any] = {
 }
 
 
+# struct formats of the numpy scalar dtypes read, by the code numpy pickles a dtype with (kind + size).
+_NUMPY_SCALARS = {"b1": "?", "i1": "b", "u1": "B", "i2": "h", "u2": "H", "i4": "i", "u4": "I", "i8": "q", "u8": "Q",
+                  "f2": "e", "f4": "f", "f8": "d", "c8": "2f", "c16": "2d"}
+_BYTE_ORDERS = {"<": "<", ">": ">", "=": "=", "|": "="}
+_NUMPY_SCALAR_GLOBALS = {("numpy._core.multiarray", "scalar"), ("numpy.core.multiarray", "scalar")}
+
+
+class _NumpyDtype:
+    """numpy.dtype(code, align, copy) of a numeric scalar as an inert record; BUILD sets its byte order."""
+
+    def __init__(self, code: str, byte_order: str = "=") -> None:
+        self.code, self.byte_order = code, byte_order
+
+    def __setstate__(self, state: Any) -> None:
+        if not (isinstance(state, tuple) and len(state) >= 5 and state[1] in _BYTE_ORDERS
+                and state[2:5] == (None, None, None)):
+            raise pickle.UnpicklingError(f"numpy.dtype {self.code!r} with malformed state {state!r:.80}")
+        self.byte_order = state[1]
+
+
+def _refusal(module: str, name: str) -> str:
+    if module.split(".")[0] == "numpy":
+        what = "a numpy array; " if name == "_reconstruct" else ""
+        return f"{what}only numeric numpy scalars are read from an EDM pickle"
+    if module.startswith("torch.nn.modules."):
+        return "a plain torch module; 'ema' must be an EDM persistent network (torch_utils.persistence)"
+    return "not part of an EDM network pickle; loading it could run code"
+
+
 class _EDMUnpickler(pickle.Unpickler):
     def __init__(self, file: Any, path: Path) -> None:
         super().__init__(file)
@@ -86,8 +118,30 @@ class _EDMUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in _ALLOWED:
             return _ALLOWED[(module, name)]
-        raise pickle.UnpicklingError(f"{self.path}: refuses to load global '{module}.{name}' (not part of an EDM "
-                                     f"network pickle; loading it could run code)")
+        if (module, name) == ("numpy", "dtype"):
+            return self._numpy_dtype
+        if (module, name) in _NUMPY_SCALAR_GLOBALS:
+            return self._numpy_scalar
+        raise pickle.UnpicklingError(f"{self.path}: refuses to load global {f'{module}.{name}'!r} "
+                                     f"({_refusal(module, name)})")
+
+    def _numpy_dtype(self, code: Any, align: Any = False, copy: Any = False) -> _NumpyDtype:
+        if not isinstance(code, str) or code not in _NUMPY_SCALARS:
+            why = ("a long double, whose layout depends on the machine that wrote it" if code in ("f16", "c32")
+                   else "only numeric numpy scalars are read from an EDM pickle")
+            raise pickle.UnpicklingError(f"{self.path}: refuses numpy.dtype {code!r} ({why})")
+        return _NumpyDtype(code)
+
+    def _numpy_scalar(self, dtype: Any, data: Any) -> bool | int | float | complex:
+        if not isinstance(dtype, _NumpyDtype) or not isinstance(data, bytes):
+            raise pickle.UnpicklingError(f"{self.path}: refuses numpy scalar({type(dtype).__name__}, "
+                                         f"{type(data).__name__}) (only numeric numpy scalars are read)")
+        fmt = _BYTE_ORDERS[dtype.byte_order] + _NUMPY_SCALARS[dtype.code]
+        if len(data) != struct.calcsize(fmt):
+            raise pickle.UnpicklingError(f"{self.path}: a numpy scalar of dtype {dtype.code!r} takes "
+                                         f"{struct.calcsize(fmt)} bytes, this one has {len(data)}")
+        values = struct.unpack(fmt, data)
+        return complex(*values) if len(values) == 2 else values[0]
 
     def persistent_load(self, pid: Any) -> Any:
         raise pickle.UnpicklingError(f"{self.path}: persistent id {pid!r} (a torch.save file, not an EDM pickle)")

@@ -173,13 +173,13 @@ def _load_resume_checkpoint(ckpt: Path) -> tuple[dict, dict, dict]:
 
 
 def _phase_step(p: Phase, step_module: nn.Module, opt: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
-                step: int, dev: torch.device, bf16: bool, grad_clip: float) -> torch.Tensor:
+                step: int, dev: torch.device, bf16: bool, grad_clip: float, grads_to_none: bool) -> torch.Tensor:
     """One optimizer step of phase p (its network trainable only meanwhile); returns the detached mean loss."""
     p.net.requires_grad_(True)
     try:
         with torch.autocast(dev.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
             loss = step_module(batch, step).float().mean()
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=grads_to_none)
         loss.backward()
         if grad_clip > 0:
             nn.utils.clip_grad_norm_([q for q in p.net.parameters() if q.grad is not None], grad_clip, foreach=True)
@@ -267,8 +267,15 @@ def train(model: nn.Module, objective: Objective, source: BatchSource, *, run_di
     def wrap(step_module: nn.Module) -> nn.Module:
         if world == 1:
             return step_module
-        return DistributedDataParallel(step_module, device_ids=[dev.index] if dev.type == "cuda" else None)
+        for q in step_module.parameters():
+            if q.requires_grad and q.grad is None:
+                q.grad = torch.zeros_like(q)
+        return DistributedDataParallel(step_module, device_ids=[dev.index] if dev.type == "cuda" else None,
+                                       gradient_as_bucket_view=True)
 
+    # Under DDP the gradients are views of its buckets from the start and are zeroed, not dropped, so no step copies
+    # them into the buckets or finds their strides differ (as a 1x1 convolution's weight gradient's do on the CPU).
+    grads_to_none = world == 1
     step_module = wrap(_Step(model, objective))
     phase_steps = {p.name: wrap(_Step(p.net, p.loss, rank, world)) for p in phases}
     for p in phases:
@@ -305,7 +312,7 @@ def train(model: nn.Module, objective: Objective, source: BatchSource, *, run_di
             raise ValueError(f"objective must return a per-sample loss of shape ({batch_size},), "
                              f"got {tuple(per_sample.shape)}")
         loss = per_sample.float().mean()
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=grads_to_none)
         loss.backward()
         if grad_clip > 0:
             norms.append(nn.utils.clip_grad_norm_(params, grad_clip, foreach=True))
@@ -316,7 +323,8 @@ def train(model: nn.Module, objective: Objective, source: BatchSource, *, run_di
         for p in phases:
             if p.due(step):
                 phase_losses.setdefault(p.name, []).append(
-                    _phase_step(p, phase_steps[p.name], phase_opts[p.name], batch, step, dev, bf16, grad_clip))
+                    _phase_step(p, phase_steps[p.name], phase_opts[p.name], batch, step, dev, bf16, grad_clip,
+                                grads_to_none))
         window_steps += 1
         pbar.update(1)
 

@@ -24,8 +24,10 @@ from lmm.checkpoint import list_checkpoints, load_model_file
 from lmm.cli.main import main
 from lmm.io import save_json
 
-TEACHER = ["run.progress=false", "teacher.net.channels=8", "student.net.channels=8", "teacher.train.steps=4",
-           "teacher.train.batch_size=16", "teacher.steps=4"]
+# every stage of this module runs on the CPU (run.device=cpu, also where CUDA is visible): the bitwise checks hold
+# there, and a store or student made there is resumed there
+TEACHER = ["run.progress=false", "run.device=cpu", "teacher.net.channels=8", "student.net.channels=8",
+           "teacher.train.steps=4", "teacher.train.batch_size=16", "teacher.steps=4"]
 # 8 shards of 64 pairs, the teacher's 4-step solver on batches of 16: about 0.1 s a shard on one thread
 PAIRS = ["pairs.n=512", "pairs.shard_size=64", "pairs.batch_size=16"]
 N_SHARDS = 8

@@ -66,6 +66,7 @@ class RegressionSource:
 
 def run(run_dir: Path, steps: int, source: RegressionSource | None = None, meta: dict | None = None,
         **kw) -> tuple[nn.Module, nn.Module]:
+    """Train a fresh TinyNet on the CPU (device="cpu" also where CUDA is visible: the bitwise checks hold there)."""
     torch.manual_seed(0)
     model = TinyNet()
     args = dict(batch_size=8, lr=1e-2, ema_halflife=200.0, warmup_steps=5, grad_clip=1.0, bf16=False, seed=7,
@@ -95,6 +96,7 @@ def test_loss_decreases_and_final_files(tmp_path: Path) -> None:
 
 
 def test_resume_equals_uninterrupted_bitwise(tmp_path: Path) -> None:
+    """On the CPU (see run): 10 steps, then resumed to 20, equal 20 uninterrupted steps bitwise."""
     full_model, full_ema = run(tmp_path / "full", 20)
     run(tmp_path / "split", 10)
     assert latest_checkpoint(tmp_path / "split").name == "step-00000010"

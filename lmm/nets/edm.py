@@ -4,7 +4,9 @@ Module and parameter names, shapes and buffers follow the published EDM network 
 preconditioner), so that `lmm convert edm` loads their weights with a strict state dict; the code is our own.
 Both nets have lmm's raw-net interface F(x (B, C, H, W), noise_label (B,), class_labels (B,) int64 | None)
 -> (B, C, H, W); integer labels become the one-hot vectors EDM feeds its label layer, and a conditional net
-called without labels sees zeros, as EDM's preconditioners do.
+called without labels sees zeros, as EDM's preconditioners do. lmm never augments, so a net with augment_dim > 0
+feeds its augmentation layer the zero labels of an un-augmented image (EDM's AugmentPipe labels): the output is
+EDM's without augmentation, and every parameter takes part in the loss, as DDP requires.
 
 Published configurations (EDM's train.py): DDPM++ = songunet with model_channels 128, channel_mult
 [2, 2, 2], positional embedding, standard encoder/decoder, resample_filter [1, 1]; NCSN++ = the same with
@@ -212,6 +214,13 @@ def _label_dropout(labels: Tensor, p: float, training: bool) -> Tensor:
     return labels * (torch.rand(labels.shape[0], 1, device=labels.device) >= p).to(labels.dtype)
 
 
+def _no_augmentation(map_augment: Linear | None, emb: Tensor) -> Tensor:
+    """emb (B, E) plus the augmentation layer's output for all-zero augmentation labels (B, augment_dim)."""
+    if map_augment is None:
+        return emb
+    return emb + map_augment(emb.new_zeros(emb.shape[0], map_augment.in_features))
+
+
 def _decoder_level(dec: nn.ModuleDict, res: int, lowest: bool, cout: int, out_ch: int, skips: list[int],
                    attention: list[bool], block: dict) -> int:
     """Add one decoder level of EDM's U-Nets to `dec`: at the lowest resolution in0 (attention) + in1, elsewhere
@@ -300,6 +309,7 @@ class SongUNet(nn.Module):
     def forward(self, x: Tensor, noise_labels: Tensor, class_labels: Tensor | None = None) -> Tensor:
         emb = self.map_noise(noise_labels.to(x.dtype).expand(x.shape[0]))
         emb = emb.reshape(emb.shape[0], 2, -1).flip(1).reshape(emb.shape)
+        emb = _no_augmentation(self.map_augment, emb)
         if self.map_label is not None:
             labels = _label_dropout(_one_hot(class_labels, self.num_classes, x), self.label_dropout, self.training)
             emb = emb + self.map_label(labels * math.sqrt(self.num_classes))
@@ -379,7 +389,8 @@ class DhariwalUNet(nn.Module):
         self.out_conv = Conv2d(cout, in_ch, 3, **init_zero)
 
     def forward(self, x: Tensor, noise_labels: Tensor, class_labels: Tensor | None = None) -> Tensor:
-        emb = self.map_layer1(F.silu(self.map_layer0(self.map_noise(noise_labels.to(x.dtype).expand(x.shape[0])))))
+        emb = _no_augmentation(self.map_augment, self.map_noise(noise_labels.to(x.dtype).expand(x.shape[0])))
+        emb = self.map_layer1(F.silu(self.map_layer0(emb)))
         if self.map_label is not None:
             emb = emb + self.map_label(
                 _label_dropout(_one_hot(class_labels, self.num_classes, x), self.label_dropout, self.training))
