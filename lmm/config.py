@@ -41,6 +41,7 @@ DEFAULTS: dict[str, Any] = {
         "seed": 0,
         "device": "auto",
         "bf16": "auto",
+        "deterministic": False,
         "progress": True,
     },
     "data": {

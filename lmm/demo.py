@@ -11,7 +11,7 @@ from lmm.report import build_report
 def run_demo(cfg: dict) -> Path:
     """Train teacher, make pairs, train student, evaluate teacher and student at several NFE, report."""
     run = pipeline.run_dir(cfg)
-    dist.init_distributed(cfg["run"]["device"])
+    dist.init_distributed(cfg["run"]["device"], deterministic=cfg["run"]["deterministic"])
     timer = pipeline.Timer(run / "timings.json")
     with timer.stage("train teacher"):
         teacher = pipeline.train_teacher(cfg)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from datetime import timedelta
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -27,31 +27,64 @@ def _env_int(name: str, default: int) -> int:
         raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
 
 
-def resolve_device(device: str | torch.device, local_rank: int = 0) -> torch.device:
-    """'auto' -> cuda:local_rank if CUDA is available else cpu; 'cuda' -> cuda:local_rank; others as given."""
+def resolve_device(device: str | torch.device, local_rank: int = 0, local_world: int = 1) -> torch.device:
+    """'auto' -> cuda:local_rank if CUDA is available else cpu; 'cuda' -> cuda:local_rank; others as given.
+
+    Raises ValueError (naming run.device) for a GPU this machine lacks, and when `local_world` processes on this
+    node (torchrun's --nproc_per_node) would share fewer GPUs."""
     if isinstance(device, str) and device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device '{device}' (--device or run.device) requested but CUDA is not available on "
-                             "this machine; use cpu or auto")
-        if device.index is None:
-            device = torch.device("cuda", local_rank)
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"run.device (--device) = {device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type != "cuda":
+        return device
+    if not torch.cuda.is_available():
+        raise ValueError(f"device '{device}' (--device or run.device) requested but CUDA is not available on "
+                         "this machine; use cpu or auto")
+    count = torch.cuda.device_count()
+    if device.index is None:
+        if local_world > count:
+            raise ValueError(f"torchrun started {local_world} processes on this node but it has {count} GPU(s); "
+                             f"use --nproc_per_node={count}, or run.device=cpu to run them on the CPU")
+        device = torch.device("cuda", local_rank)
+    elif device.index >= count:
+        raise ValueError(f"run.device (--device) = {device}, but this machine has {count} GPU(s) "
+                         f"(cuda:0{f' to cuda:{count - 1}' if count > 1 else ''})")
     return device
+
+
+def set_kernels(deterministic: bool) -> None:
+    """run.deterministic: true makes GPU results repeat bitwise (cuDNN's deterministic algorithms without
+    autotuning, torch.use_deterministic_algorithms with a warning naming any op that has no deterministic kernel,
+    cuBLAS's fixed workspace); false lets cuDNN autotune its fastest kernels. TF32 stays off either way, so
+    float32 runs compute in float32 (bf16 autocast, run.bf16, is the fast path). CPU results repeat either way."""
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
 
 
 def is_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def init_distributed(device: str | torch.device = "auto", timeout_s: float = 1800.0) -> DistInfo:
-    """Read torchrun's RANK / WORLD_SIZE / LOCAL_RANK and join the process group (nccl on CUDA, gloo on CPU).
+def init_distributed(device: str | torch.device = "auto", deterministic: bool | None = None,
+                     timeout_s: float = 1800.0) -> DistInfo:
+    """Read torchrun's RANK / WORLD_SIZE / LOCAL_RANK / LOCAL_WORLD_SIZE and join the process group (nccl on
+    CUDA, gloo on CPU); `deterministic` (run.deterministic; None leaves the kernel settings as they are) goes
+    to `set_kernels`.
 
     Idempotent: later calls return the same ranks. Without those variables: rank 0 of a world of 1.
     """
     local_rank = _env_int("LOCAL_RANK", 0)
-    dev = resolve_device(device, local_rank)
+    dev = resolve_device(device, local_rank, _env_int("LOCAL_WORLD_SIZE", 1))
+    if deterministic is not None:
+        set_kernels(deterministic)
     if is_initialized():
         return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dev)
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
@@ -115,6 +148,36 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
         return out
     dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out / dist.get_world_size()
+
+
+def all_true(ok: bool) -> bool:
+    """Whether `ok` holds on every process."""
+    if not is_initialized():
+        return ok
+    return bool(all_reduce_min(torch.tensor([int(ok)], dtype=torch.int64)).item())
+
+
+def broadcast_int(value: int, src: int = 0) -> int:
+    """Process `src`'s `value` on every process."""
+    if not is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.int64)
+    out = t.to(_comm_device(t))
+    dist.broadcast(out, src)
+    return int(out.item())
+
+
+def once_per_node(check: Callable[[], None]) -> None:
+    """Run `check` (which raises on a problem) on each node's first process (LOCAL_RANK 0) only: files that all
+    processes of a node read are checked once. Every process raises when one check failed."""
+    error: Exception | None = None
+    if _env_int("LOCAL_RANK", 0) == 0:
+        try:
+            check()
+        except (ValueError, OSError) as e:
+            error = e
+    if not all_true(error is None):
+        raise error or ValueError("the check on this node's first process (LOCAL_RANK 0) failed; see its error")
 
 
 def shard(n: int) -> range:

@@ -280,7 +280,7 @@ def evaluate_run(cfg: dict, teacher_path: str | Path | None = None, student_path
     rows already there, so an interrupted evaluation resumes. Reference statistics are cached in
     RUN_DIR/reference-FEATURES-SPLIT.npz (refused if the extractor, its implementation, network or data changed)."""
     e, run = cfg["eval"], run_dir(cfg)
-    device = dist.init_distributed(cfg["run"]["device"]).device
+    device = dist.init_distributed(cfg["run"]["device"], deterministic=cfg["run"]["deterministic"]).device
     teacher_path = Path(teacher_path or run / "teacher" / "model.safetensors")
     student_path = Path(student_path or run / "student" / "model.safetensors")
     ref = reference(cfg, device, reference_cache(cfg))
@@ -364,7 +364,7 @@ def evaluate_inputs(cfg: dict, *, samples: list[Path] = (), model: Path | None =
     statistics cached in `cache`) or, given `ref_file`, against that statistics file alone; with eval.features,
     eval.n samples and eval.seed. Returns the rows with the settings and a description, as in metrics.json."""
     e = cfg["eval"]
-    device = dist.init_distributed(cfg["run"]["device"]).device
+    device = dist.init_distributed(cfg["run"]["device"], deterministic=cfg["run"]["deterministic"]).device
     if ref_file is not None and cache is not None:
         raise ValueError("lmm eval: give --ref (a statistics file alone) or --ref-cache (dataset + cache), not both")
     progress = cfg["run"]["progress"] and dist.is_main()

@@ -23,7 +23,8 @@ from lmm.train import RESUME_IGNORE_KEY
 EDM_KEYS = ("sigma_min", "sigma_max", "rho")
 # Config keys that may change between a run and its resumption: how long and how verbosely to train,
 # where things are, and the settings of the other stages.
-_RESUME_FREE = ["config.run.dir", "config.run.device", "config.run.progress", "config.eval", "config.data.root"]
+_RESUME_FREE = ["config.run.dir", "config.run.device", "config.run.deterministic", "config.run.progress", "config.eval",
+                "config.data.root"]
 _RESUME_FREE_TRAIN = ["steps", "ckpt_every", "log_every"]
 _OTHER_STAGES = {"teacher": ["config.pairs", "config.student", "config.teacher.solver", "config.teacher.steps",
                              "config.teacher.schedule", "teacher.solver", "teacher.steps", "teacher.schedule"],

@@ -6,6 +6,7 @@ folder there; each is safe to rerun (training and pair generation resume where t
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -121,7 +122,7 @@ def _train_kwargs(cfg: dict, section: dict, device: torch.device) -> dict[str, A
 
 def train_teacher(cfg: dict) -> Path:
     """Train the teacher on the dataset; returns the path of its `model.safetensors`."""
-    _, _, _, device = dist.init_distributed(cfg["run"]["device"])
+    _, _, _, device = dist.init_distributed(cfg["run"]["device"], cfg["run"]["deterministic"])
     data = load_data(cfg)
     ncls = num_classes(cfg, data)
     objective = teacher_objective(cfg["teacher"])
@@ -148,7 +149,7 @@ def teacher_sampler(teacher: Teacher, solver: str, steps: int, bf16: bool, sched
 
 def generate_pairs(cfg: dict, teacher_path: str | Path | None = None, store: str | Path | None = None) -> Path:
     """Run the teacher's ODE solver on seeded noise and write a sharded pair store."""
-    rank, world, _, device = dist.init_distributed(cfg["run"]["device"])
+    rank, world, _, device = dist.init_distributed(cfg["run"]["device"], cfg["run"]["deterministic"])
     teacher_path = model_path(teacher_path or run_dir(cfg) / "teacher")
     teacher, tmeta = load_model(teacher_path, device)
     if not isinstance(teacher, Teacher):
@@ -177,7 +178,7 @@ def train_student(cfg: dict, store: str | Path | None = None, teacher_path: str 
     RUN/pairs), "ot_cfm" and "consistency" on the dataset (data.*); the teacher (student.init = teacher, and
     consistency distillation's) is the pair store's, found by its sha256, or `teacher_path` / RUN/teacher.
     Returns the path of the student's `model.safetensors`."""
-    _, _, _, device = dist.init_distributed(cfg["run"]["device"])
+    _, _, _, device = dist.init_distributed(cfg["run"]["device"], cfg["run"]["deterministic"])
     s, run, seed = cfg["student"], run_dir(cfg), cfg["run"]["seed"]
     if s["init"] not in ("teacher", "scratch"):
         raise ValueError(f"student.init: unknown '{s['init']}'; valid: teacher, scratch")
@@ -185,7 +186,8 @@ def train_student(cfg: dict, store: str | Path | None = None, teacher_path: str 
     wants_teacher = s["init"] == "teacher" or kind.needs_teacher
     if kind.source == "pairs":
         store = Path(store or run / "pairs")
-        source: Any = PairSource(store, seed=seed, window=s["window"])
+        source: Any = PairSource(store, seed=seed, window=s["window"], verify=False)
+        dist.once_per_node(source.store.verify)
         manifest = source.store.manifest
         shape, ncls = tuple(manifest["data_shape"]), manifest["num_classes"]
         trained_on = {"pairs": {"path": str(store), "teacher_sha256": manifest["teacher"]["sha256"],
@@ -276,15 +278,24 @@ def noise_batches(n: int, batch_size: int, shape: tuple[int, ...], ncls: int, se
         yield z, y
 
 
+def restart_generator(seed: int, batch: int) -> torch.Generator:
+    """The CPU generator of the restart sampler's fresh noise for noise batch `batch` of sampling seed `seed`:
+    independent of the device, of the torchrun rank that samples the batch and of the initial noise's stream."""
+    digest = hashlib.sha256(f"lmm-restart:{seed}:{batch}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
 @torch.no_grad()
 def sample(model: torch.nn.Module | Teacher, n: int, *, seed: int, batch_size: int = 500, nfe: int | None = None,
            grid: list[float] | None = None, mode: str | None = None, solver: str = "euler", steps: int | None = None,
            schedule: str = "edm", bf16: bool = False, device: str | torch.device = "cpu",
            progress: bool = False, label: int | None = None) -> dict[str, Any]:
     """Draw n samples. Teachers: `solver` with `steps` intervals on its `schedule`; students: the line sampler on `grid`
-    (default grid for `nfe`) in `mode` (default: the model's own `sampler`, lmm.models.build_model); conditional models get balanced labels, or all `label`. Returns {"images": uint8 (N,H,W,C) (float (N, D) for vector data),
-    "labels": (N,) or None, "nfe": int}. Under torchrun each rank samples a contiguous share of the seeded
-    noise batches and every rank returns all n samples, identical to a single process's."""
+    (default grid for `nfe`) in `mode` (default: the model's own `sampler`, lmm.models.build_model; restart draws
+    batch i's fresh noise from `restart_generator(seed, i)`); conditional models get balanced labels, or all
+    `label`. Returns {"images": uint8 (N,H,W,C) (float (N, D) for vector data), "labels": (N,) or None,
+    "nfe": int}. Under torchrun each rank samples a contiguous share of the seeded noise batches and every rank
+    returns all n samples, identical to a single process's."""
     device = torch.device(device)
     is_teacher = isinstance(model, Teacher)
     inner = model.model if is_teacher else model
@@ -302,7 +313,8 @@ def sample(model: torch.nn.Module | Teacher, n: int, *, seed: int, batch_size: i
             if is_teacher:
                 sol = sample_teacher(model, z, steps or nfe, solver, y, schedule=schedule)
             else:
-                sol = sample_lines(model, z, grid, y, mode=mode or getattr(model, "sampler", "line"))
+                sol = sample_lines(model, z, grid, y, mode=mode or getattr(model, "sampler", "line"),
+                                   generator=restart_generator(seed, i))
         used = sol.nfe
         images.append(sol.x.float().cpu())
         bar.update(z.shape[0] * world)

@@ -45,7 +45,8 @@ def sample_lines(
     """Sample from an endpoint predictor model(x_t, t (B,), y) -> x1_hat, starting at z (B, ...); NFE = len(grid).
 
     line: x_{k+1} = x_k + (t_{k+1} - t_k) (x1_hat - x_k) / (1 - t_k). restart: x_{k+1} = (1 - t_{k+1}) z' + t_{k+1} x1_hat
-    with fresh z' ~ N(0, I) drawn from `generator` (global RNG if None). The output is the last x1_hat.
+    with fresh z' ~ N(0, I) drawn from `generator` on its own device, then moved to z's (the global RNG of z's
+    device if None). The output is the last x1_hat.
     With return_trajectory: trajectory = states at t_0..t_{K-1} then the output (time 1); endpoints = the K
     predictions. The model runs in eval mode (its previous mode is restored).
     """
@@ -68,7 +69,8 @@ def sample_lines(
             if mode == "line":
                 x = x + ((t_next - t) / (1 - t)) * (x1_hat - x)
             else:
-                noise = torch.randn(z.shape, generator=generator, dtype=z.dtype, device=z.device)
+                noise = torch.randn(z.shape, generator=generator, dtype=z.dtype,
+                                    device=z.device if generator is None else generator.device).to(z.device)
                 x = (1 - t_next) * noise + t_next * x1_hat
             if trajectory is not None:
                 trajectory.append(x)

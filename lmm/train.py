@@ -1,9 +1,10 @@
 """The one training loop: AdamW/Adam, LR warmup, grad clipping, EMA, bf16 autocast, DDP, checkpoints, resume.
 
 Exactness: the global RNG is reseeded at every step from (seed, step, rank) and batches come from a
-BatchSource that is a function of the step, so a resumed run equals an uninterrupted one bitwise (CPU),
-and 2 ranks x b samples train like 1 rank x 2b samples when the objective draws no randomness.
-Only rank 0 writes files; the loop does not tear down the process group (see `lmm.dist.cleanup`).
+BatchSource that is a function of the step, so a resumed run equals an uninterrupted one bitwise (on the CPU;
+on a GPU with run.deterministic, see lmm.dist.set_kernels), and 2 ranks x b samples train like 1 rank x 2b
+samples when the objective draws no randomness. Rank 0 picks the checkpoint to resume from (every rank loads
+that one) and alone writes files; the loop does not tear down the process group (see `lmm.dist.cleanup`).
 """
 from __future__ import annotations
 
@@ -23,14 +24,16 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from lmm.checkpoint import (
     CorruptFileError,
+    checkpoint_step,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
     model_file_intact,
     save_checkpoint,
     save_model,
+    step_dir_name,
 )
-from lmm.dist import all_reduce_mean, all_reduce_min, barrier, init_distributed
+from lmm.dist import all_reduce_mean, all_reduce_min, barrier, broadcast_int, init_distributed
 from lmm.progress import progress_bar
 
 Objective = Callable[..., torch.Tensor]
@@ -236,7 +239,9 @@ def train(model: nn.Module, objective: Objective, source: BatchSource, *, run_di
                                            betas=p.betas) for p in phases}
 
     start = 0
-    ckpt = latest_checkpoint(run_dir)
+    latest = latest_checkpoint(run_dir) if main else None
+    resume_step = broadcast_int(-1 if latest is None else checkpoint_step(latest))
+    ckpt = None if resume_step < 0 else run_dir / "checkpoints" / step_dir_name(resume_step)
     if ckpt is not None:
         tensors, state, saved_meta = _load_resume_checkpoint(ckpt)
         differing = meta_differences(saved_meta, meta, resume_defaults)

@@ -9,6 +9,7 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from lmm import dist
@@ -145,3 +146,40 @@ def test_sample_and_eval_under_torchrun_equal_one_process(tmp_path: Path) -> Non
     refs = [np.load(tmp_path / f"ref-{tag}.npz") for tag in ("one", "two")]
     assert (tmp_path / "two.svg").read_text().startswith("<svg")
     assert int(refs[1]["n"]) == 200 and np.allclose(refs[0]["sigma"], refs[1]["sigma"], rtol=0, atol=1e-12)
+
+
+def _one_gpu(monkeypatch) -> None:
+    """A machine with one GPU as far as device selection can tell (no CUDA call is made before it refuses)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+
+
+def test_device_selection_refuses_gpus_the_machine_lacks(monkeypatch) -> None:
+    _one_gpu(monkeypatch)
+    assert dist.resolve_device("cuda") == dist.resolve_device("auto") == torch.device("cuda", 0)
+    with pytest.raises(ValueError, match=r"run.device \(--device\) = cuda:1, but this machine has 1 GPU\(s\) \(cuda:0\)"):
+        dist.resolve_device("cuda:1")
+    with pytest.raises(ValueError, match="torchrun started 2 processes on this node but it has 1 GPU.*"
+                                         "--nproc_per_node=1, or run.device=cpu"):
+        dist.resolve_device("auto", local_rank=1, local_world=2)
+    assert dist.resolve_device("cpu", local_rank=1, local_world=2) == torch.device("cpu")
+    with pytest.raises(ValueError, match="'gpu' is not a device"):
+        dist.resolve_device("gpu")
+
+
+@pytest.mark.parametrize("device, ranks", [("cuda:1", {}), ("auto", {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1",
+                                                                      "LOCAL_WORLD_SIZE": "2"})])
+def test_missing_gpu_is_one_line_exit_2_and_nothing_written(device, ranks, tmp_path, monkeypatch, capsys) -> None:
+    from lmm.cli.main import main
+
+    _one_gpu(monkeypatch)
+    for key, value in ranks.items():
+        monkeypatch.setenv(key, value)
+    run = tmp_path / "run"
+    for argv in (["teacher", "train"], ["pairs"], ["train"], ["demo"]):
+        assert main([*argv, f"run.dir={run}", f"run.device={device}"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("lmm: error: ") and "GPU" in err, err
+        assert not run.exists()
+    assert main(["sample", "--model", str(tmp_path / "m"), "--device", device, "--out", str(tmp_path / "s.npz")]) == 2
+    assert capsys.readouterr().err.count("\n") == 1 and not (tmp_path / "s.npz").exists()

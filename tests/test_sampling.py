@@ -1,4 +1,5 @@
 """Few-step line sampler."""
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -118,6 +119,26 @@ def test_restart_is_seeded_and_model_mode_restored():
     assert model.training and not runs[0].requires_grad
     one = sample_lines(model, z, [0.0], mode="restart", generator=torch.Generator().manual_seed(9)).x
     assert torch.equal(one, sample_lines(model, z, [0.0]).x)
+
+
+def test_restart_sampling_of_a_model_is_seeded_per_noise_batch(monkeypatch):
+    """`lmm sample` / `lmm eval` of a restart-mode student: the fresh noise of noise batch i comes from the sampling
+    seed and i alone, not from the global RNG, so reruns agree and a torchrun rank's share equals that part of a
+    single process's samples."""
+    from lmm import dist, pipeline
+
+    net = TinyNet(seed=5)
+    net.data_shape, net.num_classes = (D,), 0
+    model = LinesModel(net).eval()
+    kw = dict(seed=11, batch_size=4, nfe=3, mode="restart")
+    torch.manual_seed(0)
+    one = pipeline.sample(model, 8, **kw)["images"]
+    torch.manual_seed(1)
+    assert np.array_equal(one, pipeline.sample(model, 8, **kw)["images"])
+    line = pipeline.sample(model, 8, **{**kw, "mode": "line"})["images"]
+    assert not np.allclose(one, line)
+    monkeypatch.setattr(dist, "shard", lambda n: range(1, 2))
+    assert np.array_equal(pipeline.sample(model, 8, **kw)["images"], one[4:])
 
 
 def test_grids():

@@ -48,7 +48,8 @@ def _run_stage(args: argparse.Namespace, stage: str, timing: str, run) -> None:
     with _stage(cfg, timing):
         path = run(pipeline, cfg)
     pipeline.record_config(cfg, stage)
-    print(path)
+    if dist.is_main():
+        print(path)
 
 
 def cmd_teacher_train(args: argparse.Namespace) -> None:
@@ -118,7 +119,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     from lmm import pipeline
     from lmm.models import load_model
 
-    device = dist.init_distributed(args.device).device
+    device = dist.init_distributed(args.device, deterministic=args.deterministic).device
     model, meta = load_model(args.model, device)
     how = _sampler(args, meta, getattr(model, "singular_end", False))
     bf16 = dist.resolve_bf16(True if args.bf16 == "on" else False if args.bf16 == "off" else "auto", device)
@@ -307,6 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
                    help="bf16 autocast: auto = on for GPUs and CPUs with native bf16 (AVX-512 BF16, AMX) (default auto)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="GPU kernels that repeat bitwise (run.deterministic; default: cuDNN autotunes its fastest)")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("eval", help="score sample files or a model at several NFE against a dataset",

@@ -372,7 +372,7 @@ def open_pairs(store_dir: str | Path, verify: bool = True, allow_incomplete: boo
     manifest_path = store / MANIFEST
     if not manifest_path.is_file():
         raise FileNotFoundError(
-            f"no pair store at {store}: {manifest_path} is missing; create it with make_pairs (the pairs stage)"
+            f"no pair store at {store}: {manifest_path} is missing; create it with `lmm pairs` (or pass the store's folder)"
         )
     manifest = _read_json(manifest_path)
     if manifest.get("format_version") != FORMAT_VERSION:
