@@ -124,15 +124,16 @@ def test_single_process_helpers_are_noops() -> None:
 
 
 def test_sample_and_eval_under_torchrun_equal_one_process(tmp_path: Path) -> None:
+    """On the CPU (gloo), whatever GPUs the machine has."""
     run = tmp_path / "run"
-    common = [f"run.dir={run}", "teacher.net.channels=8", "run.progress=false", "teacher.train.steps=3",
+    common = [f"run.dir={run}", "run.device=cpu", "teacher.net.channels=8", "run.progress=false", "teacher.train.steps=3",
               "teacher.train.batch_size=16", "teacher.steps=2", "eval.n=300", "eval.batch_size=64", "data.n=200"]
     lmm = ["-m", "lmm.cli.main"]
     _run([*lmm, "teacher", "train", *common], tmp_path)
     model = str(run / "teacher")
     torchrun = ["-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "-m", "lmm.cli.main"]
     for launcher, tag in ((lmm, "one"), (torchrun, "two")):
-        _run([*launcher, "sample", "--model", model, "--solver", "euler", "--steps", "2", "-n", "150",
+        _run([*launcher, "sample", "--model", model, "--device", "cpu", "--solver", "euler", "--steps", "2", "-n", "150",
               "--batch-size", "32", "--out", str(tmp_path / f"{tag}.npz")], tmp_path)
         _run([*launcher, "eval", *common, "--model", model, "--nfe", "1,2", "--samples", str(tmp_path / "one.npz"),
               "--ref-cache", str(tmp_path / f"ref-{tag}.npz"), "--out", str(tmp_path / f"{tag}.json")], tmp_path)

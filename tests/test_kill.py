@@ -354,3 +354,31 @@ def test_rerun_repairs_weights_written_without_their_model_json(made, tmp_path):
     assert main(longer) == 0
     _, meta = load_model_file(run / "student" / "model")
     assert meta["step"] == 45
+
+
+def test_ctrl_c_says_how_to_resume_and_the_rerun_finishes(made, tmp_path):
+    """SIGINT (Ctrl-C) during `lmm train`: exit 130, no traceback, at most 2 lines saying how to resume; the rerun
+    resumes and ends with the uninterrupted run's weights (bitwise, CPU)."""
+    run = tmp_path / "run"
+    student = run / "student"
+    cmd = _cmd("train", f"run.dir={run}", *TEACHER, *STUDENT, "--pairs", str(made["pairs"]))
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        t0 = time.monotonic()
+        while not _ckpt_steps(student):
+            assert proc.poll() is None, f"lmm train ended before the interrupt (rc {proc.returncode})"
+            assert time.monotonic() - t0 < 120, "no checkpoint in 120 s"
+            time.sleep(POLL_S)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    lines = err.strip().splitlines()
+    assert 1 <= len(lines) <= 2 and "Traceback" not in err and "Rerun the same command" in err, err
+    assert _latest(student) < STEPS and not (student / "model.safetensors").exists()
+    _run(cmd)
+    got = load_model_file(student / "model.safetensors")[0]
+    want = load_model_file(made["student_run"] / "student" / "model.safetensors")[0]
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)

@@ -424,6 +424,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, ValueError, FloatingPointError) as err:
         print(f"lmm: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("lmm: interrupted. Rerun the same command to resume where it stopped (training from its last "
+              "checkpoint, pairs from their finished shards)", file=sys.stderr)
+        return 130
     finally:
         dist.cleanup()
 
