@@ -71,10 +71,10 @@ def method_overrides(method: str, cfg: dict, passes: dict[str, int]) -> list[str
     if method == "lmm_full":
         return ["student.objective=lines"]
     if method == "reflow":
-        return ["student.objective=reflow"]
+        return ["student.objective=reflow", "student.loss={l2=1.0}"]
     if method == "ot_cfm":
         steps = -(-sum(passes.values()) // (3 * batch))
-        return ["student.objective=ot_cfm", "student.init=scratch", f"student.train.steps={steps}"]
+        return ["student.objective=ot_cfm", "student.init=scratch", "student.loss={l2=1.0}", f"student.train.steps={steps}"]
     if method == "consistency":
         steps = -(-(passes["pairs"] + passes["student"]) // (CD_PASSES * batch))
         cd_loss = {k: w for k, w in loss.items() if k != "adversarial"} or {"l2": 1.0}

@@ -225,10 +225,36 @@ def check_values(cfg: dict) -> None:
             raise ConfigError(f"'{key}' must be {bound}, got {value!r}")
         if key in _CHOICES and value not in _CHOICES[key]:
             raise ConfigError(f"'{key}' must be one of {', '.join(map(repr, _CHOICES[key]))}, got {value!r}")
+    _check_student_reads(cfg["student"])
     for key in _POSITIVE_LISTS:
         value = values[key]
         if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value):
             raise ConfigError(f"'{key}' must be a list of positive integers, got {value!r}")
+
+
+def _check_student_reads(scfg: dict) -> None:
+    """Refuse settings the chosen student objective would silently ignore (see unread_student_keys)."""
+    import json
+
+    from lmm.objectives import unread_student_keys
+
+    unread = unread_student_keys(scfg, DEFAULTS["student"])
+    if unread:
+        given = ", ".join(f"student.{k}={json.dumps(scfg[k])}" for k in unread)
+        back = " ".join(f"'student.{k}={_toml(DEFAULTS['student'][k])}'" for k in unread)
+        raise ConfigError(f"student.objective={scfg['objective']} does not read {given}; remove them, or set them "
+                          f"back to their defaults ({back})")
+
+
+def _toml(value: Any) -> str:
+    """A value as written in a KEY=VALUE override."""
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}={_toml(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f'"{value}"'
+    return str(value).replace(" ", "") if isinstance(value, list) else str(value)
 
 
 def flat_keys(cfg: dict, prefix: str = "") -> list[tuple[str, Any]]:

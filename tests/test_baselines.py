@@ -3,6 +3,7 @@ of the one training loop, chosen by `student.objective`, and sampled / evaluated
 import itertools
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -198,3 +199,22 @@ def test_consistency_distillation_resumes_bitwise_with_its_target(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     ckpt = sorted((split / "student" / "checkpoints").iterdir())[-1]
     assert (ckpt / "objective.safetensors").is_file()
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["-c", "configs/fashion_mnist.toml", "student.objective=reflow"], "student.loss={\"l2\": 1.0, \"perceptual\""),
+    (["student.objective=ot_cfm", "student.grid=[0.0,0.3]", "student.window=2"], "student.grid=[0.0, 0.3], student.window=2"),
+    (["student.objective=lines", "student.ot_cfm.sigma=0.1"], "student.ot_cfm={\"sigma\": 0.1"),
+    (["student.objective=consistency", "student.time_sampling=uniform"], "student.time_sampling=\"uniform\""),
+])
+def test_settings_the_objective_would_ignore_are_refused(argv, named, capsys):
+    """Every command refuses, on loading its config, a student setting its objective does not read (one line,
+    exit 2), and says how to set it back; the default values pass."""
+    root = Path(__file__).resolve().parent.parent
+    argv = [str(root / a) if a.endswith(".toml") else a for a in argv]
+    for command in (["config"], ["train", "run.dir=/nonexistent/never-written"]):
+        assert main([*command, *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and named in err and "does not read" in err, err
+    assert main(["config", *argv, "student.loss={l2=1.0}", "student.grid=[0.0,0.5]", "student.time_sampling=grid",
+                 "student.window=4", "student.ot_cfm.sigma=0.0"]) == 0

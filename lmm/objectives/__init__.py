@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import inspect
 
-from lmm.objectives.base import Objective
+from lmm.losses import LOSSES
+from lmm.objectives.base import STUDENT_KEYS_ALWAYS_READ, Objective
 from lmm.objectives.consistency import Consistency
 from lmm.objectives.edm import EDMLoss
 from lmm.objectives.flow_matching import FlowMatching
@@ -15,6 +16,17 @@ from lmm.objectives.reflow import Reflow
 STUDENT_OBJECTIVES: dict[str, type[Objective]] = {"lines": Lines, "reflow": Reflow, "ot_cfm": OTCFM,
                                                   "consistency": Consistency}
 OBJECTIVES: dict[str, type[Objective]] = {"flow_matching": FlowMatching, "edm": EDMLoss, **STUDENT_OBJECTIVES}
+
+
+def unread_student_keys(scfg: dict, defaults: dict) -> list[str]:
+    """Keys of config section `student` that its objective does not read (Objective.reads) yet are set to other
+    values than their `defaults`; loss-term option tables (`student.perceptual`, ...) configure a term only
+    when it is in `student.loss` and are not counted."""
+    cls = STUDENT_OBJECTIVES.get(scfg.get("objective"))
+    if cls is None:
+        return []
+    read = {*STUDENT_KEYS_ALWAYS_READ, *cls.reads, *LOSSES}
+    return [k for k in scfg if k not in read and k in defaults and scfg[k] != defaults[k]]
 
 
 def get_objective(name: str, **kwargs) -> Objective:
@@ -30,4 +42,4 @@ def get_objective(name: str, **kwargs) -> Objective:
 
 
 __all__ = ["Consistency", "EDMLoss", "FlowMatching", "Lines", "OBJECTIVES", "OTCFM", "Objective", "Reflow",
-           "STUDENT_OBJECTIVES", "get_objective"]
+           "STUDENT_OBJECTIVES", "get_objective", "unread_student_keys"]

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from lmm.nets.precond import bcast
 
-__all__ = ["Objective", "STUDENT_PRECONDS", "bcast", "loss_config", "sample_times", "student_precond"]
+__all__ = ["Objective", "STUDENT_KEYS_ALWAYS_READ", "STUDENT_PRECONDS", "bcast", "loss_config", "sample_times", "student_precond"]
 
 
 class Objective(nn.Module):
@@ -28,6 +28,8 @@ class Objective(nn.Module):
     needs_teacher: ClassVar[bool] = False
     # the few-step sampler of the models it trains (lmm.sampling.sample_lines mode): "line" or "restart"
     sampler: ClassVar[str] = "line"
+    # the keys of config section `student` that `from_config` reads besides STUDENT_KEYS_ALWAYS_READ
+    reads: ClassVar[tuple[str, ...]] = ()
 
     def build_model(self, net: nn.Module) -> nn.Module:
         """Wrap a raw net F(x, noise_label, class_labels) in this objective's preconditioned model."""
@@ -86,6 +88,7 @@ def sample_times(n: int, time_sampling: str, logit_mean: float, logit_std: float
 
 
 STUDENT_PRECONDS = ("teacher", "lines", "none")
+STUDENT_KEYS_ALWAYS_READ = ("objective", "init", "net", "train")
 
 
 def loss_config(scfg: dict) -> dict[str, Any]:

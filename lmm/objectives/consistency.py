@@ -66,6 +66,8 @@ class Consistency(Objective):
         self.teacher: nn.Module | None = None
         self.target: nn.Module | None = None
 
+    reads = ("loss", "consistency", "precond", "sigma_data")
+
     @classmethod
     def from_config(cls, scfg: dict, tcfg: dict | None) -> Consistency:
         if tcfg is None:

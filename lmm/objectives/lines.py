@@ -77,6 +77,8 @@ class Lines(Objective):
         self.sigma_max = float(sigma_max)
         self.denoiser = denoiser
 
+    reads = ("loss", "time_sampling", "grid", "weighting", "logit_mean", "logit_std", "precond", "sigma_data", "window")
+
     @classmethod
     def from_config(cls, scfg: dict, tcfg: dict | None) -> Lines:
         return cls(**loss_config(scfg), time_sampling=scfg["time_sampling"], grid=tuple(scfg["grid"]),

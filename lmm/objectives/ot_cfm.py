@@ -34,6 +34,8 @@ class OTCFM(Objective):
             raise ValueError(f"student.ot_cfm.coupling: unknown {coupling!r}; valid: {', '.join(COUPLINGS)}")
         self.sigma, self.coupling = float(sigma), coupling
 
+    reads = ("ot_cfm",)
+
     @classmethod
     def from_config(cls, scfg: dict, tcfg: dict | None) -> OTCFM:
         return cls(**scfg["ot_cfm"])

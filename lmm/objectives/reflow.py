@@ -29,6 +29,8 @@ class Reflow(Objective):
         self.precond, self.sigma_data, self.sigma_max, self.denoiser = precond, float(sigma_data), float(sigma_max), denoiser
         check_precond(precond, denoiser)
 
+    reads = ("precond", "sigma_data", "window")
+
     @classmethod
     def from_config(cls, scfg: dict, tcfg: dict | None) -> Reflow:
         return cls(**student_precond(scfg["precond"], scfg["sigma_data"], tcfg))
