@@ -59,5 +59,29 @@ def test_conditional_discriminator_sees_labels(run, tmp_path):
                  f"--teacher={run / 'teacher' / 'model.safetensors'}"]) == 0
     from lmm.checkpoint import load_checkpoint
 
+    import torch
+
+    from lmm.losses.adversarial import ProjectedDiscriminator
+
     tensors, _, _ = load_checkpoint(tmp_path / "adv" / "student" / "checkpoints" / "step-00000002")
-    assert tensors["phase-disc"]["embed.0.weight"].shape == (10, 16)
+    state = tensors["phase-disc"]
+    channels = [state[f"mix{k}"].shape[1] for k in range(4)]
+    assert state["embed.0.weight"].shape == (10, 16)
+    # the 2 discriminator steps trained the class embeddings: the labels reached the discriminator in training
+    fresh = ProjectedDiscriminator(channels, width=16, num_classes=10, seed=0).state_dict()
+    assert all(torch.equal(state[f"mix{k}"], fresh[f"mix{k}"]) for k in range(4))
+    assert not any(torch.equal(state[f"embed.{k}.weight"], fresh[f"embed.{k}.weight"]) for k in range(4))
+    disc = ProjectedDiscriminator(channels, width=16, num_classes=10, seed=0)
+    disc.load_state_dict(state)
+    g = torch.Generator().manual_seed(0)
+    feats = [torch.randn(10, c, s, s, generator=g) for c, s in zip(channels, (8, 4, 2, 1))]
+    y = torch.arange(10)
+    with torch.no_grad():
+        logits = disc(feats, y)
+        # the same images under other labels score differently, image by image
+        assert ((logits - disc(feats, (y + 1) % 10)).abs() > 1e-6).all()
+        assert ((logits - disc(feats, None)).abs() > 1e-6).all()
+        # an unconditional discriminator (same mixing and heads, no embeddings) ignores labels
+        plain = ProjectedDiscriminator(channels, width=16, num_classes=0, seed=0)
+        plain.load_state_dict({k: v for k, v in state.items() if not k.startswith("embed.")})
+        assert torch.equal(plain(feats, y), plain(feats, None)) and torch.equal(plain(feats, y), disc(feats, None))

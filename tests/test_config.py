@@ -38,12 +38,22 @@ def test_net_tables_replaced_by_preset_updated_by_override(tmp_path):
 
 
 def test_presets_in_repo_load():
+    import tomllib
     from pathlib import Path
 
-    for path in sorted((Path(__file__).parent.parent / "configs").glob("*.toml")):
+    def leaves(table: dict, prefix: str = ""):
+        for key, value in table.items():
+            yield from leaves(value, f"{prefix}{key}.") if isinstance(value, dict) else [(f"{prefix}{key}", value)]
+
+    paths = sorted((Path(__file__).parent.parent / "configs").glob("*.toml"))
+    assert {"digits.toml", "toy_moons.toml", "fashion_mnist.toml"} <= {p.name for p in paths}
+    for path in paths:
         cfg = load_config(path)
         json.dumps(cfg)
-        assert dict(flat_keys(cfg))["run.dir"]
+        flat, preset = dict(flat_keys(cfg)), dict(leaves(tomllib.loads(path.read_text())))
+        # every value the preset sets is the loaded one (read independently of lmm.config), run.dir included
+        assert {k: flat.get(k, "missing") for k in preset} == preset, path.name
+        assert flat["run.dir"] == preset["run.dir"] != DEFAULTS["run"]["dir"], path.name
 
 
 def test_bf16_auto_follows_the_cpu_flags(monkeypatch, tmp_path):
