@@ -58,7 +58,8 @@ def resolve_device(device: str | torch.device, local_rank: int = 0, local_world:
 def set_kernels(deterministic: bool) -> None:
     """run.deterministic: true makes GPU results repeat bitwise (cuDNN's deterministic algorithms without
     autotuning, torch.use_deterministic_algorithms with a warning naming any op that has no deterministic kernel,
-    cuBLAS's fixed workspace); false lets cuDNN autotune its fastest kernels. TF32 stays off either way, so
+    cuBLAS's fixed workspace, attention by the plain math kernel, and lmm's resizes and augmentations by matmuls:
+    lmm.nets.resize); false lets cuDNN autotune its fastest kernels. TF32 stays off either way, so
     float32 runs compute in float32 (bf16 autocast, run.bf16, is the fast path). CPU results repeat either way."""
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -67,6 +68,9 @@ def set_kernels(deterministic: bool) -> None:
     torch.backends.cudnn.benchmark = not deterministic
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.enable_flash_sdp(not deterministic)
+    torch.backends.cuda.enable_mem_efficient_sdp(not deterministic)
+    torch.backends.cuda.enable_cudnn_sdp(not deterministic)
 
 
 def is_initialized() -> bool:

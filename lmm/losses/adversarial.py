@@ -21,6 +21,30 @@ from lmm.losses.base import LossTerm
 AUGMENTS = ("translation", "cutout", "color")
 
 
+def _shift_matrix(shift: Tensor, n: int, dtype: torch.dtype) -> Tensor:
+    """(B, n, n) one-hot rows for shift (B,): [b, i, j] = 1 where j = i + shift[b], else 0."""
+    i = torch.arange(n, device=shift.device)
+    return (i == i[:, None] + shift.view(-1, 1, 1)).to(dtype)
+
+
+def translate(x: Tensor, dy: Tensor, dx: Tensor) -> Tensor:
+    """x (B, C, H, W) translated per sample, zero filled: out[b, :, i, j] = x[b, :, i + dy[b], j + dx[b]] where that
+    pixel is inside x, else 0; dy, dx (B,) integers. By indexing; with deterministic algorithms on (run.deterministic)
+    as S_y @ x @ S_x^T with one-hot shift matrices, exact (each output is one input times 1; float32 matmuls must
+    not use TF32, which lmm.dist.set_kernels turns off), whose backward pass is matmuls too: deterministic on GPUs,
+    unlike an index's."""
+    if not torch.are_deterministic_algorithms_enabled():
+        b, _, h, w = x.shape
+        gy = (torch.arange(h, device=x.device).view(1, h, 1) + dy.view(b, 1, 1)).clamp(-1, h)
+        gx = (torch.arange(w, device=x.device).view(1, 1, w) + dx.view(b, 1, 1)).clamp(-1, w)
+        padded = F.pad(x, (1, 1, 1, 1)).permute(0, 2, 3, 1)
+        return padded[torch.arange(b, device=x.device).view(b, 1, 1), gy + 1, gx + 1].permute(0, 3, 1, 2)
+    sy = _shift_matrix(dy, x.shape[-2], x.dtype)[:, None]
+    sx = _shift_matrix(dx, x.shape[-1], x.dtype)[:, None]
+    with torch.autocast(x.device.type, enabled=False):
+        return sy @ x @ sx.transpose(-1, -2)
+
+
 def diff_augment(x: Tensor, policy: tuple[str, ...]) -> Tensor:
     """DiffAugment of x (B, C, H, W) in [-1, 1]: colour (brightness, saturation, contrast), translation by up to
     1/8 of the side (zero padded) and cutout of a square of half the side; randomness from the global RNG."""
@@ -36,11 +60,7 @@ def diff_augment(x: Tensor, policy: tuple[str, ...]) -> Tensor:
         sh, sw = max(1, h // 8), max(1, w // 8)
         dy = torch.randint(-sh, sh + 1, (b, 1, 1), device=x.device)
         dx = torch.randint(-sw, sw + 1, (b, 1, 1), device=x.device)
-        gy = (torch.arange(h, device=x.device).view(1, h, 1) + dy).clamp(-1, h)
-        gx = (torch.arange(w, device=x.device).view(1, 1, w) + dx).clamp(-1, w)
-        padded = F.pad(x, (1, 1, 1, 1))
-        x = padded.permute(0, 2, 3, 1)[torch.arange(b, device=x.device).view(b, 1, 1), gy + 1, gx + 1]
-        x = x.permute(0, 3, 1, 2)
+        x = translate(x, dy.view(b), dx.view(b))
     if "cutout" in policy:
         ch, cw = h // 2, w // 2
         cy = torch.randint(0, h + 1 - ch % 2, (b, 1, 1), device=x.device)

@@ -14,8 +14,9 @@ import importlib.util
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+
+from lmm.nets.resize import resize
 
 BACKBONE_FILES = {"vgg": "vgg16-397923af.pth", "alex": "alexnet-owt-7be5be79.pth"}
 # (layer list of torchvision's `features`, the indices after which LPIPS taps the relu outputs)
@@ -97,10 +98,10 @@ class LPIPS(nn.Module):
         return super().train(False)
 
     def _taps(self, x: Tensor) -> list[Tensor]:
+        if min(x.shape[-2:]) < self.resolution:
+            x = resize(x, (self.resolution, self.resolution))
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
-        if min(x.shape[-2:]) < self.resolution:
-            x = F.interpolate(x, size=(self.resolution, self.resolution), mode="bilinear", align_corners=False)
         x = (x - self.shift) / self.scale
         out = []
         for i, layer in enumerate(self.features):

@@ -5,15 +5,16 @@ Never the Inception network that FID uses: a loss on FID's own features would ga
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+
+from lmm.nets.resize import resize
 
 
 class EfficientNetPyramid(nn.Module):
     """Images (B, C, H, W) in [-1, 1] (C = 1 or 3) -> the outputs of EfficientNet-Lite0's stages at strides 4, 8,
     16 and 32: [(B, 24, r/4, r/4), (B, 40, r/8, r/8), (B, 112, r/16, r/16), (B, 320, r/32, r/32)] for inputs
-    resized (bilinear, antialiased when shrinking) to `resolution` r. Frozen (eval mode, no parameter
-    gradients); gradients flow to the input."""
+    resized (bilinear, antialiased when shrinking, see lmm.nets.resize) to `resolution` r. Frozen (eval mode, no
+    parameter gradients); gradients flow to the input."""
 
     STRIDES = (4, 8, 16, 32)
 
@@ -49,12 +50,11 @@ class EfficientNetPyramid(nn.Module):
         return super().train(False)
 
     def forward(self, x: Tensor) -> list[Tensor]:
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
         r = self.resolution
         if x.shape[-2:] != (r, r):
-            x = F.interpolate(x, size=(r, r), mode="bilinear", align_corners=False,
-                              antialias=x.shape[-1] > r)
+            x = resize(x, (r, r), antialias=x.shape[-1] > r)
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
         x = ((x + 1) * 127.5 - 127.0) / 128.0
         x = self.stem(x)
         out = []

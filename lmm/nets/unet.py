@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lmm.nets.resize import upsample_nearest
+
 SKIP_SCALE = 1.0 / math.sqrt(2.0)
 EMBEDDINGS = ("positional", "fourier")
 
@@ -160,7 +162,7 @@ class ResBlock(nn.Module):
         if self.down:
             return F.avg_pool2d(x, 2, ceil_mode=True)
         if self.up:
-            return F.interpolate(x, size=size, mode="nearest")
+            return upsample_nearest(x, size)
         return x
 
     def forward(self, x: Tensor, emb: Tensor, size: tuple[int, int] | None = None) -> Tensor:
