@@ -15,16 +15,17 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from lmm.config import load_config
-from lmm.data.datasets import TensorSource
+from lmm.data.arrays import TensorSource
 from lmm.evaluate import reference, score
 from lmm.models import build_model, load_model, student_objective
 from lmm.pipeline import load_data, sample
-from lmm.train import train
+from lmm.train import TrainSettings, train
 
 
 def main() -> None:
@@ -51,11 +52,12 @@ def main() -> None:
         objective = student_objective(s, cfg["teacher"])
         model = build_model(objective, s["net"], shape, 0)
         with tempfile.TemporaryDirectory() as tmp:
-            kw = dict(batch_size=bs, lr=1e-3, ema_halflife=1e4, warmup_steps=0, grad_clip=1.0, bf16=bf16, seed=0,
-                      log_every=1000, meta={}, device="cpu", progress=False)
-            train(model, objective, pairs, run_dir=Path(tmp) / "w", steps=3, ckpt_every=3, **kw)
+            settings = TrainSettings(steps=3, batch_size=bs, lr=1e-3, ema_halflife=1e4, warmup_steps=0, grad_clip=1.0,
+                                     bf16=bf16, seed=0, ckpt_every=3, log_every=1000, device="cpu", progress=False)
+            train(model, objective, pairs, settings, run_dir=Path(tmp) / "w", meta={})
             start = time.perf_counter()
-            train(model, objective, pairs, run_dir=Path(tmp) / "t", steps=args.steps, ckpt_every=args.steps, **kw)
+            train(model, objective, pairs, replace(settings, steps=args.steps, ckpt_every=args.steps),
+                  run_dir=Path(tmp) / "t", meta={})
             rates[bf16] = args.steps * bs / (time.perf_counter() - start)
     print(f"| student training (samples/s) | {rates[False]:.0f} | {rates[True]:.0f} | {rates[True] / rates[False]:.2f} |")
 

@@ -32,7 +32,7 @@ def iterate(store: str, seed: int, window: int, batch: int) -> dict:
     """One epoch through PairSource in this process; memory in MiB."""
     import torch
 
-    from lmm.data import PairSource
+    from lmm.pairs import PairSource
 
     base = _vm_kib("VmRSS")
     src = PairSource(store, seed=seed, window=window)
@@ -49,7 +49,7 @@ def iterate(store: str, seed: int, window: int, batch: int) -> dict:
 def build(store: Path, n: int, shape: tuple[int, ...], shard_size: int) -> float:
     import torch
 
-    from lmm.data import make_pairs
+    from lmm.pairs import make_pairs
 
     t0 = time.perf_counter()
     make_pairs(

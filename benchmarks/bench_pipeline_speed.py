@@ -1,6 +1,6 @@
 """Speed ratios of the pipeline against bare loops of the same network, measured side by side in one run.
 
-1. pair generation (lmm.data.pairs.make_pairs with the teacher's solver) against the teacher network's bare
+1. pair generation (lmm.pairs.make_pairs with the teacher's solver) against the teacher network's bare
    batched forward throughput divided by the solver's NFE (the store is timed whole: noise, solver, shard
    writes with fsync and checksums; after a warm-up store);
 2. student training (lmm.train.train on a pair store: data, objective, clipping, EMA, logging) against a
@@ -24,19 +24,20 @@ import argparse
 import json
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from lmm.config import load_config
-from lmm.data.pairs import PairSource, make_pairs
 from lmm.models import build_model, student_objective, teacher_objective
+from lmm.pairs import PairSource, make_pairs
 from lmm.pipeline import teacher_sampler
 from lmm.sampling import sample_lines
 from lmm.solvers import expected_nfe
 from lmm.teachers import build_teacher
 from lmm.teachers.base import sample_teacher
-from lmm.train import train
+from lmm.train import TrainSettings, train
 
 
 def rates(fns: dict[str, tuple], repeats: int) -> dict[str, float]:
@@ -112,10 +113,10 @@ def main() -> None:
 
         source = PairSource(store, seed=0)
         window = max(1, min(10, args.steps // 2))
-        kw = dict(batch_size=bs, lr=1e-4, ema_halflife=s["train"]["ema_halflife"], warmup_steps=0,
-                  grad_clip=s["train"]["grad_clip"], bf16=False, seed=0, log_every=window,
-                  meta={"bench": True}, device="cpu", progress=False)
-        train(student, objective, source, run_dir=Path(tmp) / "warm", steps=5, ckpt_every=5, **kw)
+        settings = TrainSettings(steps=5, batch_size=bs, lr=1e-4, ema_halflife=s["train"]["ema_halflife"],
+                                 warmup_steps=0, grad_clip=s["train"]["grad_clip"], bf16=False, seed=0,
+                                 ckpt_every=5, log_every=window, device="cpu", progress=False)
+        train(student, objective, source, settings, run_dir=Path(tmp) / "warm", meta={"bench": True})
         log_path = Path(tmp) / "student" / "log.jsonl"
         bare_rates, loop_rates, whole = [], [], []
         for r in range(args.repeats):
@@ -127,7 +128,8 @@ def main() -> None:
             done = len(log_path.read_text().splitlines()) if log_path.is_file() else 0
             steps = (r + 1) * args.steps // args.repeats
             start = time.perf_counter()
-            train(student, objective, source, run_dir=Path(tmp) / "student", steps=steps, ckpt_every=steps, **kw)
+            train(student, objective, source, replace(settings, steps=steps, ckpt_every=steps),
+                  run_dir=Path(tmp) / "student", meta={"bench": True})
             whole.append((steps - r * args.steps // args.repeats) * bs / (time.perf_counter() - start))
             log = [json.loads(line) for line in log_path.read_text().splitlines()][done:]
             loop_rates += [rec["samples_per_s"] for rec in (log[1:] or log)]

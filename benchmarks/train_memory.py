@@ -138,8 +138,8 @@ def write_pairs(store: Path, cfg: dict, teacher: Path, n_pairs: int, dtype: str)
     """A complete pair store of n_pairs made by lmm's pair stage (lmm.pipeline.generate_pairs, so its manifest is
     what `lmm pairs` writes for this teacher) with the stand-in sampler, generating shard 0 (and a short last shard)
     only; every other shard is a hard link of shard 0 with a sidecar of its own. Returns sizes."""
+    from lmm import pairs as lmm_pairs
     from lmm import pipeline
-    from lmm.data import pairs as lmm_pairs
     from lmm.io import save_json
 
     cfg = copy.deepcopy(cfg)
@@ -253,7 +253,7 @@ def in_child(fn, *args):
 
 
 def verify_seconds(store: Path) -> float:
-    from lmm.data import open_pairs
+    from lmm.pairs import open_pairs
 
     t0 = time.perf_counter()
     open_pairs(store)
@@ -310,7 +310,7 @@ def main() -> None:
     import torch
 
     from lmm.config import load_config
-    from lmm.data.datasets import IMAGENET64_CLASSES
+    from lmm.data.imagenet64 import IMAGENET64_CLASSES
     from lmm.models import build_model, teacher_objective
 
     cfg = load_config(args.config, args.overrides)

@@ -1,7 +1,8 @@
 """Run configuration: one nested dict per run, read from a TOML preset and `key.sub=value` overrides.
 
-Every valid key and its default is in `DEFAULTS`; a preset or an override that names any other key is
-an error that lists the valid ones. Tables named `net` and `loss` are replaced whole by a preset or by an
+Every valid key and its default is in `defaults()`: the tables below plus each registered component's options
+(lmm.registry: `student.<loss term>` and `student.<objective>` tables), with their choices and bounds; a preset or
+an override that names any other key is an error that lists the valid ones. Tables named `net` and `loss` are replaced whole by a preset or by an
 override of the whole table (`student.loss={l2=1.0,perceptual=0.5}`) and updated key by key by a dotted
 override (`student.loss.perceptual=0.5`); their keys are checked by `lmm.nets.build_net` and `lmm.losses`.
 """
@@ -35,7 +36,7 @@ _UNET = {
     "embedding": "positional",
 }
 
-DEFAULTS: dict[str, Any] = {
+_BASE: dict[str, Any] = {
     "run": {
         "dir": "runs/demo",
         "seed": 0,
@@ -81,12 +82,6 @@ DEFAULTS: dict[str, Any] = {
         "objective": "lines",
         "init": "teacher",
         "loss": {"l2": 1.0},
-        "perceptual": {"network": "efficientnet", "resolution": 64},
-        "adversarial": {"start": 0, "lr": 2e-4, "interval": 1, "r1": 0.0,
-                        "augment": ["translation", "cutout", "color"], "resolution": 64, "width": 64, "seed": 0,
-                        "adaptive": False},
-        "ot_cfm": {"sigma": 0.0, "coupling": "ot"},
-        "consistency": {"steps": 18, "ema": 0.95, "solver": "heun"},
         "time_sampling": "grid",
         "grid": [0.0, 0.5],
         "weighting": "none",
@@ -116,17 +111,54 @@ _AT_LEAST: dict[str, float] = {
     "teacher.steps": 1, "teacher.sigma_min": 1e-12, "teacher.sigma_max": 1e-12, "teacher.rho": 1e-12,
     "teacher.sigma_data": 1e-12, "teacher.P_std": 0.0,
     "pairs.n": 1, "pairs.shard_size": 1, "pairs.batch_size": 1, "pairs.seed": 0,
-    "student.sigma_data": 1e-12, "student.logit_std": 0.0, "student.window": 1, "student.ot_cfm.sigma": 0.0,
-    "student.consistency.steps": 1, "student.consistency.ema": 0.0,
+    "student.sigma_data": 1e-12, "student.logit_std": 0.0, "student.window": 1,
     "*.train.steps": 0, "*.train.batch_size": 1, "*.train.lr": 0.0, "*.train.ema_halflife": 0.0,
     "*.train.ema_rampup": 0.0, "*.train.warmup_steps": 0, "*.train.grad_clip": 0.0, "*.train.ckpt_every": 1,
     "*.train.log_every": 1,
     "eval.n": 2, "eval.batch_size": 1, "eval.seed": 0,
 }
 _POSITIVE_LISTS = ("eval.teacher_nfe", "eval.student_nfe")
-_CHOICES = {"student.objective": ("lines", "reflow", "ot_cfm", "consistency"),
-            "student.ot_cfm.coupling": ("ot", "independent"), "student.consistency.solver": ("euler", "heun"),
-            "eval.split": ("", "train", "test"), "data.split": ("train", "test"), "teacher.denoiser": ("edm", "vp", "ve")}
+_CHOICES = {"eval.split": ("", "train", "test"), "data.split": ("train", "test")}
+
+
+def _registries() -> list:
+    from lmm.losses import LOSSES
+    from lmm.nets.precond import DENOISERS
+    from lmm.objectives import STUDENT_OBJECTIVES
+    from lmm.teachers import TEACHERS
+
+    return [LOSSES, STUDENT_OBJECTIVES, TEACHERS, DENOISERS]
+
+
+def defaults() -> dict[str, Any]:
+    """A fresh copy of every config key's default, registered components' options included."""
+    out = copy.deepcopy(_BASE)
+    for registry in _registries():
+        if registry.options_at is not None:
+            for name, table in registry.option_tables().items():
+                out[registry.options_at][name] = table
+    return out
+
+
+def _rules() -> tuple[dict[str, tuple], dict[str, float]]:
+    """({key: allowed values}, {key: lower bound}): lmm's own and those of the registered components."""
+    from lmm.objectives.base import STUDENT_PRECONDS
+    from lmm.objectives.lines import TIME_SAMPLINGS, WEIGHTINGS
+    from lmm.solvers import METHODS
+    from lmm.teachers.base import SCHEDULES
+
+    choices = {**_CHOICES, "teacher.solver": METHODS, "teacher.schedule": SCHEDULES, "eval.teacher_solvers": METHODS,
+               "eval.features": ("pixel", "proxy", "inception"), "student.precond": STUDENT_PRECONDS,
+               "student.time_sampling": TIME_SAMPLINGS, "student.weighting": WEIGHTINGS}
+    bounds = dict(_AT_LEAST)
+    for registry in _registries():
+        choices[registry.key] = tuple(registry)
+        for key, rule in registry.option_rules().items():
+            if "choices" in rule:
+                choices[key] = tuple(rule["choices"])
+            if "min" in rule:
+                bounds[key] = rule["min"]
+    return choices, bounds
 REPLACED_WHOLE = {"net", "loss"}
 BOOL_OR_AUTO = {"run.bf16"}
 
@@ -196,8 +228,8 @@ def parse_override(text: str) -> dict:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> dict:
-    """DEFAULTS, updated by the TOML file at `path` (if any), then by each `key=value` override."""
-    cfg = copy.deepcopy(DEFAULTS)
+    """defaults(), updated by the TOML file at `path` (if any), then by each `key=value` override."""
+    cfg = defaults()
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -217,14 +249,23 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> di
 def check_values(cfg: dict) -> None:
     """Raise ConfigError naming the key of any count, step, size or rate outside its range."""
     values = dict(flat_keys(cfg))
+    choices, bounds = _rules()
     for key, value in values.items():
         pattern = key.replace("teacher.train.", "*.train.").replace("student.train.", "*.train.")
-        low = _AT_LEAST.get(key, _AT_LEAST.get(pattern))
+        low = bounds.get(key, bounds.get(pattern))
         if low is not None and value < low:
             bound = "a positive number" if 0 < low < 1e-6 else f">= {low:g}"
             raise ConfigError(f"'{key}' must be {bound}, got {value!r}")
-        if key in _CHOICES and value not in _CHOICES[key]:
-            raise ConfigError(f"'{key}' must be one of {', '.join(map(repr, _CHOICES[key]))}, got {value!r}")
+        valid = choices.get(key)
+        if valid is not None and not all(v in valid for v in (value if isinstance(value, list) else [value])):
+            raise ConfigError(f"'{key}' must be {'a list of ' if isinstance(value, list) else ''}one of "
+                              f"{', '.join(map(repr, valid))}, got {value!r}")
+    from lmm.sampling import check_grid
+
+    try:
+        check_grid(cfg["student"]["grid"])
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"'student.grid': {e}") from None
     _check_student_reads(cfg["student"])
     for key in _POSITIVE_LISTS:
         value = values[key]
@@ -238,10 +279,11 @@ def _check_student_reads(scfg: dict) -> None:
 
     from lmm.objectives import unread_student_keys
 
-    unread = unread_student_keys(scfg, DEFAULTS["student"])
+    base = defaults()["student"]
+    unread = unread_student_keys(scfg, base)
     if unread:
         given = ", ".join(f"student.{k}={json.dumps(scfg[k])}" for k in unread)
-        back = " ".join(f"'student.{k}={_toml(DEFAULTS['student'][k])}'" for k in unread)
+        back = " ".join(f"'student.{k}={_toml(base[k])}'" for k in unread)
         raise ConfigError(f"student.objective={scfg['objective']} does not read {given}; remove them, or set them "
                           f"back to their defaults ({back})")
 

@@ -13,7 +13,6 @@ with a strict state dict.
 from __future__ import annotations
 
 import collections
-import copy
 import io
 import pickle
 import struct
@@ -23,7 +22,7 @@ from typing import Any
 import torch
 
 from lmm.checkpoint import save_model
-from lmm.config import DEFAULTS
+from lmm.config import defaults
 from lmm.io import file_sha256
 from lmm.models import build_model, model_meta, teacher_objective
 
@@ -219,7 +218,7 @@ def _edm_teacher_config(path: Path, network: EDMObject) -> tuple[dict, tuple[int
         sigma_data = 0.5
         net_sigma = (float(kw.pop("sigma_min", 0.02)), float(kw.pop("sigma_max", 100.0)))
     net_cfg = {"kind": EDM_NETS[model_type], **kw}
-    teacher = copy.deepcopy(DEFAULTS["teacher"])
+    teacher = defaults()["teacher"]
     teacher.update(SAMPLER, kind="edm", denoiser=denoiser, sigma_data=sigma_data, net=net_cfg,
                    sigma_min=max(SAMPLER["sigma_min"], net_sigma[0]), sigma_max=min(SAMPLER["sigma_max"], net_sigma[1]))
     return teacher, (channels, res, res), ncls

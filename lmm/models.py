@@ -13,14 +13,13 @@ import torch
 from torch import nn
 
 from lmm.checkpoint import load_model_file
-from lmm.config import DEFAULTS, flat_keys
+from lmm.config import defaults, flat_keys
 from lmm.nets import build_net
 from lmm.objectives import STUDENT_OBJECTIVES, Objective, get_objective
-from lmm.teachers import TEACHER_OBJECTIVES, Teacher, build_teacher
+from lmm.teachers import TEACHERS, Teacher, build_teacher
 from lmm.teachers.diffusers import is_diffusers_folder, load_diffusers_teacher
 from lmm.train import RESUME_IGNORE_KEY
 
-EDM_KEYS = ("sigma_min", "sigma_max", "rho")
 # Config keys that may change between a run and its resumption: how long and how verbosely to train,
 # where things are, and the settings of the other stages.
 _RESUME_FREE = ["config.run.dir", "config.run.device", "config.run.deterministic", "config.run.progress", "config.eval",
@@ -32,20 +31,13 @@ _OTHER_STAGES = {"teacher": ["config.pairs", "config.student", "config.teacher.s
 
 
 def teacher_objective(tcfg: dict) -> Objective:
-    kind = tcfg["kind"]
-    if kind not in TEACHER_OBJECTIVES:
-        raise ValueError(f"teacher.kind: unknown '{kind}'; valid: {', '.join(TEACHER_OBJECTIVES)}")
-    if kind == "edm":
-        return get_objective("edm", sigma_data=tcfg["sigma_data"], P_mean=tcfg["P_mean"], P_std=tcfg["P_std"],
-                             denoiser=tcfg["denoiser"])
-    return get_objective("flow_matching")
+    """The objective that trains a teacher of config section `teacher` (its kind's `training_objective`)."""
+    return TEACHERS.get(tcfg["kind"]).training_objective(tcfg)
 
 
 def student_objective_class(name: str) -> type[Objective]:
     """The class of student objective `name` (`student.objective`, a key of lmm.objectives.STUDENT_OBJECTIVES)."""
-    if name not in STUDENT_OBJECTIVES:
-        raise ValueError(f"student.objective: unknown {name!r}; valid: {', '.join(STUDENT_OBJECTIVES)}")
-    return STUDENT_OBJECTIVES[name]
+    return STUDENT_OBJECTIVES.get(name)
 
 
 def student_objective(scfg: dict, tcfg: dict | None) -> Objective:
@@ -58,13 +50,14 @@ def resume_defaults(objective: Objective) -> dict[str, Any]:
     """{dotted model-meta key: default} of every config key and objective argument, so that checkpoints written
     before a setting existed still resume when it has its default (lmm.train.meta_differences)."""
     params = inspect.signature(type(objective).__init__).parameters.values()
-    return {**{f"config.{k}": v for k, v in flat_keys(DEFAULTS)},
+    return {**{f"config.{k}": v for k, v in flat_keys(defaults())},
             **{f"objective_kwargs.{p.name}": p.default for p in params
                if p.name != "self" and p.default is not inspect.Parameter.empty}}
 
 
 def teacher_ode_kwargs(tcfg: dict) -> dict[str, Any]:
-    return {k: tcfg[k] for k in EDM_KEYS} if tcfg["kind"] == "edm" else {}
+    """The keys of config section `teacher` that its kind's ODE takes (Teacher.ode_keys), with their values."""
+    return {k: tcfg[k] for k in TEACHERS.get(tcfg["kind"]).ode_keys}
 
 
 def model_meta(role: str, objective: Objective, net_cfg: dict, data_shape: tuple[int, ...],
@@ -91,10 +84,15 @@ def model_meta(role: str, objective: Objective, net_cfg: dict, data_shape: tuple
     return meta
 
 
-def build_model(objective: Objective, net_cfg: dict, data_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    """The objective's model around the net of `net_cfg`; its `sampler` attribute names the few-step sampler mode of
-    the models the objective trains (lmm.sampling.sample_lines: "line", or "restart" for consistency models)."""
-    model = objective.build_model(build_net(net_cfg, tuple(data_shape), num_classes))
+def build_model(objective: Objective, net_cfg: dict, data_shape: tuple[int, ...], num_classes: int,
+                seed: int | None = None) -> nn.Module:
+    """The objective's model around the net of `net_cfg`, its initial weights drawn from `seed` (the global RNG
+    when None; the RNG's state is left as it was); its `sampler` attribute names the few-step sampler mode of the
+    models the objective trains (lmm.sampling.sample_lines: "line", or "restart" for consistency models)."""
+    with torch.random.fork_rng(devices=[], enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
+        model = objective.build_model(build_net(net_cfg, tuple(data_shape), num_classes))
     model.sampler = objective.sampler
     return model
 
@@ -129,5 +127,6 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
     model.to(device).eval().requires_grad_(False)
     if meta["role"] == "teacher":
         t = dict(meta["teacher"])
-        return build_teacher(t.pop("kind"), model, **{k: t[k] for k in EDM_KEYS if k in t}), meta
+        kind = t.pop("kind")
+        return build_teacher(kind, model, **{k: t[k] for k in TEACHERS.get(kind).ode_keys if k in t}), meta
     return model, meta

@@ -16,9 +16,9 @@ import numpy as np
 import torch
 
 from lmm import dist
-from lmm.data.datasets import ImageData, TensorSource, load_dataset
+from lmm.data.arrays import ImageData, TensorSource
+from lmm.data.datasets import load_dataset
 from lmm.data.images import save_image_grid, to_uint8
-from lmm.data.pairs import PairSource, make_pairs
 from lmm.io import atomic_path, path_sha256, save_json
 from lmm.models import (
     build_model,
@@ -30,12 +30,13 @@ from lmm.models import (
     student_objective_class,
     teacher_objective,
 )
+from lmm.pairs import PairSource, make_pairs
 from lmm.progress import progress_bar
 from lmm.sampling import default_grid, sample_lines
 from lmm.solvers import expected_nfe
 from lmm.teachers import Teacher
 from lmm.teachers.base import sample_teacher
-from lmm.train import train
+from lmm.train import TrainSettings, train
 
 
 def run_dir(cfg: dict) -> Path:
@@ -112,12 +113,10 @@ def use_bf16(cfg: dict, device: torch.device) -> bool:
     return dist.resolve_bf16(cfg["run"]["bf16"], device)
 
 
-def _train_kwargs(cfg: dict, section: dict, device: torch.device) -> dict[str, Any]:
-    t = section["train"]
-    return dict(steps=t["steps"], batch_size=t["batch_size"], lr=t["lr"], ema_halflife=t["ema_halflife"],
-                ema_rampup=t["ema_rampup"], warmup_steps=t["warmup_steps"], grad_clip=t["grad_clip"],
-                ckpt_every=t["ckpt_every"], log_every=t["log_every"], bf16=use_bf16(cfg, device),
-                seed=cfg["run"]["seed"], device=device, progress=cfg["run"]["progress"])
+def _train_settings(cfg: dict, section: dict, device: torch.device) -> TrainSettings:
+    """The TrainSettings of config section `section` (teacher or student) with run.seed, run.bf16, run.progress."""
+    return TrainSettings.from_config(section["train"], seed=cfg["run"]["seed"], bf16=use_bf16(cfg, device),
+                                     device=device, progress=cfg["run"]["progress"])
 
 
 def train_teacher(cfg: dict) -> Path:
@@ -126,11 +125,11 @@ def train_teacher(cfg: dict) -> Path:
     data = load_data(cfg)
     ncls = num_classes(cfg, data)
     objective = teacher_objective(cfg["teacher"])
-    model = build_model(objective, cfg["teacher"]["net"], data.data_shape, ncls)
+    model = build_model(objective, cfg["teacher"]["net"], data.data_shape, ncls, seed=cfg["run"]["seed"])
     out = run_dir(cfg) / "teacher"
-    kw = _train_kwargs(cfg, cfg["teacher"], device)
-    meta = model_meta("teacher", objective, cfg["teacher"]["net"], data.data_shape, ncls, cfg, kw["bf16"])
-    train(model, objective, data.source(cfg["run"]["seed"], labels=ncls > 0), run_dir=out, meta=meta, **kw)
+    settings = _train_settings(cfg, cfg["teacher"], device)
+    meta = model_meta("teacher", objective, cfg["teacher"]["net"], data.data_shape, ncls, cfg, settings.bf16)
+    train(model, objective, data.source(cfg["run"]["seed"], labels=ncls > 0), settings, run_dir=out, meta=meta)
     dist.barrier()
     return out / "model.safetensors"
 
@@ -207,17 +206,17 @@ def train_student(cfg: dict, store: str | Path | None = None, teacher_path: str 
                          f"is not the student's ({tuple(shape)}, {ncls} classes)")
     tcfg = manifest["teacher"]["config"] if kind.source == "pairs" else None if tmeta is None else tmeta["config"]["teacher"]
     objective = student_objective(s, tcfg)
-    model = build_model(objective, s["net"], shape, ncls)
+    model = build_model(objective, s["net"], shape, ncls, seed=seed)
     if s["init"] == "teacher":
         _init_from_teacher(model, teacher, tmeta, tpath, s["net"])
     objective.setup(shape, ncls, reals=real_source(cfg, shape, ncls) if "adversarial" in getattr(objective, "loss", {})
                     else None, teacher=teacher if kind.needs_teacher else None, model=model)
     del teacher
-    kw = _train_kwargs(cfg, s, device)
-    meta = model_meta("student", objective, s["net"], shape, ncls, cfg, kw["bf16"])
+    settings = _train_settings(cfg, s, device)
+    meta = model_meta("student", objective, s["net"], shape, ncls, cfg, settings.bf16)
     meta.update(trained_on)
     out = run / "student"
-    train(model, objective, source, run_dir=out, meta=meta, resume_defaults=resume_defaults(objective), **kw)
+    train(model, objective, source, settings, run_dir=out, meta=meta, resume_defaults=resume_defaults(objective))
     dist.barrier()
     return out / "model.safetensors"
 

@@ -1,5 +1,12 @@
 """The one training loop: AdamW/Adam, LR warmup, grad clipping, EMA, bf16 autocast, DDP, checkpoints, resume.
 
+    train(model, objective, source, settings, *, run_dir, meta, resume_defaults=None) -> EMA model
+
+`settings` is a TrainSettings (the optimisation and loop settings, validated on construction; `from_config`
+builds it from a `*.train` config table). `objective` follows the TrainObjective protocol, which
+lmm.objectives.Objective implements; `as_objective(fn)` adapts a plain loss function. `source` is a
+BatchSource: batch(step, rank, world, batch_size) -> {key: (batch_size, ...) tensor}.
+
 Exactness: the global RNG is reseeded at every step from (seed, step, rank) and batches come from a
 BatchSource that is a function of the step, so a resumed run equals an uninterrupted one bitwise (on the CPU;
 on a GPU with run.deterministic, see lmm.dist.set_kernels), and 2 ranks x b samples train like 1 rank x 2b
@@ -15,7 +22,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -36,7 +43,6 @@ from lmm.checkpoint import (
 from lmm.dist import all_reduce_mean, all_reduce_min, barrier, broadcast_int, init_distributed
 from lmm.progress import progress_bar
 
-Objective = Callable[..., torch.Tensor]
 RESUME_IGNORE_KEY = "resume_ignore"
 _NO_BAD_STEP = 2**62
 
@@ -140,6 +146,116 @@ class Phase:
         return step >= self.start and (step - self.start) % self.interval == 0
 
 
+@runtime_checkable
+class TrainObjective(Protocol):
+    """What the loop calls on an objective (lmm.objectives.Objective implements it; `as_objective` adapts a function).
+
+    objective(model, batch, step) -> per-sample loss (B,) of the model's own phase, B = the per-rank batch size;
+    phases() -> the extra optimisation phases (Phase) run after it, fixed for the run; train_state() -> tensors
+    it updates besides the networks (e.g. an EMA target), checkpointed as `objective`; load_train_state(state)
+    gets them back on resume ({} from a checkpoint without them). An objective that is an nn.Module moves to the
+    device with the model.
+    """
+
+    def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor], step: int) -> torch.Tensor: ...
+
+    def phases(self) -> list[Phase]: ...
+
+    def train_state(self) -> dict[str, torch.Tensor]: ...
+
+    def load_train_state(self, state: dict[str, torch.Tensor]) -> None: ...
+
+
+class _FunctionObjective:
+    """A loss function as a TrainObjective without phases or training state (see `as_objective`)."""
+
+    def __init__(self, fn: Callable[[nn.Module, dict[str, torch.Tensor], int], torch.Tensor]):
+        self.fn = fn
+
+    def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor], step: int) -> torch.Tensor:
+        return self.fn(model, batch, step)
+
+    def phases(self) -> list[Phase]:
+        return []
+
+    def train_state(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_train_state(self, state: dict[str, torch.Tensor]) -> None:
+        if state:
+            raise ValueError(f"a function objective keeps no training state, got {sorted(state)[:5]}")
+
+    def __repr__(self) -> str:
+        return f"as_objective({self.fn!r})"
+
+
+def as_objective(fn: Callable[[nn.Module, dict[str, torch.Tensor], int], torch.Tensor]) -> TrainObjective:
+    """fn(model, batch, step) -> per-sample loss (B,) as a TrainObjective with no phases and no training state;
+    an object that already is a TrainObjective comes back as it is."""
+    if isinstance(fn, TrainObjective):
+        return fn
+    if not callable(fn):
+        raise TypeError(f"as_objective: expected a loss function fn(model, batch, step), got {type(fn).__name__}")
+    return _FunctionObjective(fn)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainSettings:
+    """The optimisation and loop settings of one `train` call, validated on construction (ValueError).
+
+    steps: optimizer steps in total (a resumed run continues to it); batch_size: samples per rank and step;
+    lr: peak learning rate, reached linearly over `warmup_steps` steps; optimizer "adamw" | "adam" (betas 0.9,
+    0.999) with `weight_decay`; grad_clip: max global gradient norm (0: no clipping); ema_halflife: the EMA's
+    halflife in samples of the global batch (0: no averaging), at most ema_rampup x samples seen (0: fixed; see
+    `ema_beta`); bf16: autocast to bfloat16; seed: the per-step RNG seeds' base (`derive_seed`); a checkpoint
+    every `ckpt_every` steps and at the end, the newest `keep` kept; a log record every `log_every` steps and at
+    the end; progress: a progress bar on rank 0; device: "auto", "cpu", "cuda", "cuda:N" or a torch.device
+    (under torchrun see lmm.dist.init_distributed).
+    """
+
+    steps: int
+    batch_size: int
+    lr: float
+    ema_halflife: float
+    ema_rampup: float = 0.25
+    warmup_steps: int
+    grad_clip: float
+    bf16: bool
+    seed: int
+    ckpt_every: int
+    log_every: int
+    optimizer: str = "adamw"
+    weight_decay: float = 0.0
+    keep: int = 2
+    progress: bool = True
+    device: str | torch.device
+
+    def __post_init__(self) -> None:
+        for name, value, low in (("steps", self.steps, 0), ("batch_size", self.batch_size, 1),
+                                 ("warmup_steps", self.warmup_steps, 0), ("ckpt_every", self.ckpt_every, 1),
+                                 ("log_every", self.log_every, 1), ("keep", self.keep, 1)):
+            if int(value) != value or value < low:
+                raise ValueError(f"train: {name} must be an integer >= {low}, got {value!r}")
+        if self.lr < 0 or self.grad_clip < 0:
+            raise ValueError(f"train: lr and grad_clip must be >= 0, got lr={self.lr}, grad_clip={self.grad_clip}")
+        if self.optimizer not in ("adamw", "adam"):
+            raise ValueError(f"train: optimizer must be 'adamw' or 'adam', got {self.optimizer!r}")
+        ema_beta(self.batch_size, self.ema_halflife, self.ema_rampup)
+
+    @classmethod
+    def from_config(cls, section_train: dict[str, Any], *, seed: int, bf16: bool, device: str | torch.device,
+                    progress: bool = True) -> TrainSettings:
+        """The settings of a `teacher.train` / `student.train` config table (steps, batch_size, lr, ema_halflife,
+        ema_rampup, warmup_steps, grad_clip, ckpt_every, log_every; optimizer, weight_decay and keep where the
+        table has them, else their defaults) with the run-wide seed, resolved bf16, device and progress."""
+        t = section_train
+        optional = {k: t[k] for k in ("optimizer", "weight_decay", "keep") if k in t}
+        return cls(steps=t["steps"], batch_size=t["batch_size"], lr=t["lr"], ema_halflife=t["ema_halflife"],
+                   ema_rampup=t["ema_rampup"], warmup_steps=t["warmup_steps"], grad_clip=t["grad_clip"],
+                   ckpt_every=t["ckpt_every"], log_every=t["log_every"], bf16=bf16, seed=seed, device=device,
+                   progress=progress, **optional)
+
+
 class _Step(nn.Module):
     """forward(batch, step) = loss(net, batch, step, ...): lets DDP see one forward per phase and step while the
     loss gets the bare network (with all its attributes and methods)."""
@@ -152,18 +268,6 @@ class _Step(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor], step: int) -> torch.Tensor:
         return self.loss(self.net, batch, step, *self.extra)
-
-
-def _check_args(steps: int, batch_size: int, lr: float, warmup_steps: int, grad_clip: float,
-                ckpt_every: int, log_every: int, optimizer: str) -> None:
-    for name, value, low in (("steps", steps, 0), ("batch_size", batch_size, 1), ("warmup_steps", warmup_steps, 0),
-                             ("ckpt_every", ckpt_every, 1), ("log_every", log_every, 1)):
-        if int(value) != value or value < low:
-            raise ValueError(f"train: {name} must be an integer >= {low}, got {value!r}")
-    if lr < 0 or grad_clip < 0:
-        raise ValueError(f"train: lr and grad_clip must be >= 0, got lr={lr}, grad_clip={grad_clip}")
-    if optimizer not in ("adamw", "adam"):
-        raise ValueError(f"train: optimizer must be 'adamw' or 'adam', got {optimizer!r}")
 
 
 def _load_resume_checkpoint(ckpt: Path) -> tuple[dict, dict, dict]:
@@ -198,28 +302,31 @@ def _append_log(path: Path, record: dict[str, Any]) -> None:
         f.flush()
 
 
-def train(model: nn.Module, objective: Objective, source: BatchSource, *, run_dir: str | Path, steps: int,
-          batch_size: int, lr: float, ema_halflife: float, warmup_steps: int, grad_clip: float, bf16: bool,
-          seed: int, ckpt_every: int, log_every: int, meta: dict[str, Any], device: str | torch.device,
-          progress: bool = True, optimizer: str = "adamw", weight_decay: float = 0.0, keep: int = 2,
-          ema_rampup: float = 0.25, resume_defaults: dict[str, Any] | None = None) -> nn.Module:
-    """Train `model` in place for `steps` optimizer steps in total (resuming from run_dir's latest checkpoint).
+def train(model: nn.Module, objective: TrainObjective, source: BatchSource, settings: TrainSettings, *,
+          run_dir: str | Path, meta: dict[str, Any], resume_defaults: dict[str, Any] | None = None) -> nn.Module:
+    """Train `model` in place up to settings.steps optimizer steps in total, resuming from run_dir's latest checkpoint.
 
-    objective(model, batch, step) -> per-sample loss (batch_size,); the step loss is its mean. An objective that is
-    an nn.Module moves to the device; its `phases()` (see Phase) run after the model's step. batch_size is per
-    rank; the EMA (torch.optim.swa_utils.AveragedModel, first set to the weights after step 1) has a halflife
-    in samples of the global batch, ramped up as min(ema_halflife, ema_rampup * samples seen) (see
-    `ema_beta`). grad_clip 0 disables clipping. A checkpoint resumes only with the world size and per-rank
-    batch it was written with (the data stream, the per-rank randomness and the EMA depend on both).
-    Returns the EMA model (the model's dtype, eval mode); rank 0 also writes run_dir/model.safetensors + model.json (left
-    as they are when a finished run is called again, so that files made from the model stay valid, unless they
-    are missing, damaged or disagree with each other: then they are rewritten from the final checkpoint).
-    Raises FloatingPointError on a non-finite loss (no checkpoint is written for or after that step).
-    resume_defaults: {dotted meta key: default} for settings that checkpoints written by older versions lack
-    (see `meta_differences`). The objective's `train_state()` (e.g. an EMA target) is checkpointed as `objective`.
+    Each step: batch = source.batch(step, rank, world, B) (B = settings.batch_size per rank), the step's loss is
+    the mean of objective(model, batch, step) (shape (B,)), then the objective's phases run (see Phase). The EMA
+    (torch.optim.swa_utils.AveragedModel, first set to the weights after step 1) follows `ema_beta`. A checkpoint
+    (model, EMA, phase networks, optimizers, objective.train_state()) resumes only with the world size and B it
+    was written with, and with `meta` (JSON) equal to its own but for meta["resume_ignore"] prefixes and keys it
+    lacks that hold their value in resume_defaults {dotted key: default} (see `meta_differences`).
+
+    Returns the EMA model (the model's dtype, eval mode). Rank 0 also writes run_dir/log.jsonl and
+    run_dir/model.safetensors + model.json (meta plus "step"; left as they are when a finished run is called again,
+    so that files made from the model stay valid, unless missing, damaged or disagreeing with each other: then
+    rewritten from the final checkpoint). Raises FloatingPointError on a non-finite loss (no checkpoint is
+    written for or after that step).
     """
-    _check_args(steps, batch_size, lr, warmup_steps, grad_clip, ckpt_every, log_every, optimizer)
-    rank, world, _, dev = init_distributed(device)
+    if not isinstance(settings, TrainSettings):
+        raise TypeError(f"train: settings must be a TrainSettings, got {type(settings).__name__}")
+    if not isinstance(objective, TrainObjective):
+        raise TypeError(f"train: the objective must implement lmm.train.TrainObjective (__call__, phases, train_state, "
+                        f"load_train_state), got {type(objective).__name__}; wrap a loss function in as_objective(fn)")
+    steps, batch_size, lr, seed, bf16 = settings.steps, settings.batch_size, settings.lr, settings.seed, settings.bf16
+    ema_halflife, ema_rampup, grad_clip = settings.ema_halflife, settings.ema_rampup, settings.grad_clip
+    rank, world, _, dev = init_distributed(settings.device)
     main = rank == 0
     run_dir = Path(run_dir)
     meta = _json_roundtrip(meta)
@@ -228,11 +335,11 @@ def train(model: nn.Module, objective: Objective, source: BatchSource, *, run_di
     if isinstance(objective, nn.Module):
         objective.to(dev)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt_cls = torch.optim.AdamW if optimizer == "adamw" else torch.optim.Adam
-    opt = opt_cls(params, lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay)
+    opt_cls = torch.optim.AdamW if settings.optimizer == "adamw" else torch.optim.Adam
+    opt = opt_cls(params, lr=lr, betas=(0.9, 0.999), weight_decay=settings.weight_decay)
     decay = _EMADecay()
     ema = AveragedModel(model, multi_avg_fn=decay).requires_grad_(False).eval()
-    phases: list[Phase] = list(getattr(objective, "phases", list)())
+    phases: list[Phase] = list(objective.phases())
     if len({p.name for p in phases}) != len(phases):
         raise ValueError(f"train: phase names must be unique, got {[p.name for p in phases]}")
     phase_opts = {p.name: torch.optim.Adam([q for q in p.net.parameters() if q.requires_grad], lr=p.lr,
@@ -266,8 +373,7 @@ def train(model: nn.Module, objective: Objective, source: BatchSource, *, run_di
         for p in phases:
             p.net.load_state_dict(tensors[f"phase-{p.name}"])
             phase_opts[p.name].load_state_dict(state["phase_optimizers"][p.name])
-        if hasattr(objective, "load_train_state"):
-            objective.load_train_state(tensors.get("objective", {}))
+        objective.load_train_state(tensors.get("objective", {}))
 
     def wrap(step_module: nn.Module) -> nn.Module:
         if world == 1:
@@ -287,13 +393,12 @@ def train(model: nn.Module, objective: Objective, source: BatchSource, *, run_di
         p.net.requires_grad_(False)
 
     samples_per_step = batch_size * world
-    ema_beta(samples_per_step, ema_halflife, ema_rampup)
     generators = _global_generators(dev)
     log_path = run_dir / "log.jsonl"
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
 
-    pbar = progress_bar(steps, initial=start, enabled=progress and main, desc=f"train {run_dir.name}",
+    pbar = progress_bar(steps, initial=start, enabled=settings.progress and main, desc=f"train {run_dir.name}",
                         dynamic_ncols=True)
     losses: list[torch.Tensor] = []
     phase_losses: dict[str, list[torch.Tensor]] = {}
@@ -308,7 +413,7 @@ def train(model: nn.Module, objective: Objective, source: BatchSource, *, run_di
         for gen in generators:
             gen.manual_seed(step_seed)
         batch = {k: v.to(dev, non_blocking=True) for k, v in source.batch(step, rank, world, batch_size).items()}
-        lr_now = warmup_lr(lr, step, warmup_steps)
+        lr_now = warmup_lr(lr, step, settings.warmup_steps)
         for group in opt.param_groups:
             group["lr"] = lr_now
         with torch.autocast(dev.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
@@ -334,8 +439,8 @@ def train(model: nn.Module, objective: Objective, source: BatchSource, *, run_di
         pbar.update(1)
 
         done = step + 1
-        do_log = done % log_every == 0 or done == steps
-        do_ckpt = done % ckpt_every == 0 or done == steps
+        do_log = done % settings.log_every == 0 or done == steps
+        do_ckpt = done % settings.ckpt_every == 0 or done == steps
         if not (do_log or do_ckpt):
             continue
         values = torch.stack(losses)
@@ -378,14 +483,14 @@ def train(model: nn.Module, objective: Objective, source: BatchSource, *, run_di
         if do_ckpt and main:
             tensors = {"model": model.state_dict(), "ema": ema.state_dict(),
                        **{f"phase-{p.name}": p.net.state_dict() for p in phases}}
-            objective_state = objective.train_state() if hasattr(objective, "train_state") else {}
+            objective_state = objective.train_state()
             if objective_state:
                 tensors["objective"] = objective_state
             save_checkpoint(run_dir, done, tensors,
                             {"optimizer": opt.state_dict(), "step": done, "seed": seed, "world": world,
                              "batch_size": batch_size,
                              "phase_optimizers": {name: o.state_dict() for name, o in phase_opts.items()}},
-                            meta, keep=keep)
+                            meta, keep=settings.keep)
         window_t, window_steps = time.perf_counter(), 0
     pbar.close()
 

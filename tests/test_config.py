@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from lmm.config import DEFAULTS, ConfigError, flat_keys, load_config, parse_override
+from lmm.config import ConfigError, defaults, flat_keys, load_config, parse_override
 
 
 def test_defaults_and_overrides():
@@ -10,7 +10,7 @@ def test_defaults_and_overrides():
     assert cfg["teacher"]["train"]["steps"] == 7
     assert cfg["student"]["grid"] == [0.0, 0.6]
     assert cfg["run"]["dir"] == "runs/x" and cfg["run"]["bf16"] is True
-    assert DEFAULTS["teacher"]["train"]["steps"] != 7  # defaults are not mutated
+    assert defaults()["teacher"]["train"]["steps"] != 7  # defaults are not mutated
 
 
 def test_unknown_key_lists_valid_ones(tmp_path):
@@ -53,7 +53,7 @@ def test_presets_in_repo_load():
         flat, preset = dict(flat_keys(cfg)), dict(leaves(tomllib.loads(path.read_text())))
         # every value the preset sets is the loaded one (read independently of lmm.config), run.dir included
         assert {k: flat.get(k, "missing") for k in preset} == preset, path.name
-        assert flat["run.dir"] == preset["run.dir"] != DEFAULTS["run"]["dir"], path.name
+        assert flat["run.dir"] == preset["run.dir"] != defaults()["run"]["dir"], path.name
 
 
 def test_bf16_auto_follows_the_cpu_flags(monkeypatch, tmp_path):

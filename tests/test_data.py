@@ -15,7 +15,7 @@ from lmm.data import (
     save_image_grid,
     to_uint8,
 )
-from lmm.data.datasets import FASHION_MNIST_ROOT
+from lmm.data.fashion_mnist import FASHION_MNIST_ROOT
 
 
 def test_digits_shape_range_labels():

@@ -1,7 +1,6 @@
 """Datasets in their stored formats (CIFAR-10 python batches, ImageNet64 .npz, image folders) kept as uint8 and
 converted per batch."""
 import codecs
-import copy
 import io
 import os
 import pickle
@@ -13,15 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
-from lmm.config import DEFAULTS
-from lmm.data.datasets import (
-    CIFAR10_CLASSES,
-    ChunkedArray,
-    ImageData,
-    TensorSource,
-    load_dataset,
-    npz_memmap,
-)
+from lmm.config import defaults
+from lmm.data import ImageData, TensorSource, load_dataset
+from lmm.data.arrays import ChunkedArray
+from lmm.data.cifar10 import CIFAR10_CLASSES
+from lmm.data.imagenet64 import npz_memmap
 from lmm.data.images import to_uint8
 from lmm.pipeline import load_data, real_source
 
@@ -306,7 +301,7 @@ def test_image_folder_and_afhq_store_uint8(tmp_path):
 
 
 def _cfg(**data) -> dict:
-    cfg = copy.deepcopy(DEFAULTS)
+    cfg = defaults()
     cfg["data"].update(data)
     return cfg
 

@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 
 from lmm.cli.main import main
-from lmm.data import open_pairs
 from lmm.io import file_sha256, path_sha256
 from lmm.models import load_model
+from lmm.pairs import open_pairs
 from lmm.pipeline import store_teacher
 from lmm.teachers.base import sample_teacher
 from lmm.teachers.diffusers import DiffusersTeacher

@@ -22,7 +22,7 @@ SCRIPT = textwrap.dedent('''
     from torch import nn
 
     from lmm import dist
-    from lmm.train import train
+    from lmm.train import TrainSettings, as_objective, train
 
     D = 3
 
@@ -52,9 +52,10 @@ SCRIPT = textwrap.dedent('''
     def fit(run_dir, steps, batch_size, init_seed):
         torch.manual_seed(init_seed)
         model = Net()
-        ema = train(model, objective, Source(), run_dir=run_dir, steps=steps, batch_size=batch_size, lr=2e-2,
-                    ema_halflife=40.0, ema_rampup=0.0, warmup_steps=2, grad_clip=0.5, bf16=False, seed=3, ckpt_every=3,
-                    log_every=1, meta={"test": "dist"}, device="cpu", progress=False)
+        settings = TrainSettings(steps=steps, batch_size=batch_size, lr=2e-2, ema_halflife=40.0, ema_rampup=0.0,
+                                 warmup_steps=2, grad_clip=0.5, bf16=False, seed=3, ckpt_every=3, log_every=1,
+                                 device="cpu", progress=False)
+        ema = train(model, as_objective(objective), Source(), settings, run_dir=run_dir, meta={"test": "dist"})
         return model, ema
 
 

@@ -392,8 +392,8 @@ def test_samplers_reproduce_the_gaussian_closed_form(method, steps):
 def test_pairs_from_a_converted_teacher_folder(tmp_path, monkeypatch):
     """`lmm pairs --teacher FOLDER` records the sha256 of FOLDER/model.safetensors, so the student stage finds the
     teacher by file, folder or run folder alike."""
-    from lmm.data import open_pairs
     from lmm.io import file_sha256
+    from lmm.pairs import open_pairs
     from lmm.pipeline import store_teacher
 
     pkl = tmp_path / "s.pkl"
@@ -483,7 +483,7 @@ def _leaves(value):
 def test_converted_teacher_pairs_follow_edms_sampler(arch, precond, spelling, tmp_path, monkeypatch):
     """An EDM pickle with numpy scalars in its states and constructor arguments converts, and `lmm pairs` with
     EDM's sampler (Heun, 18 steps, sigma clamped to the network's range) gives EDM's Algorithm 1 on the raw net."""
-    from lmm.data import open_pairs
+    from lmm.pairs import open_pairs
 
     kw = {**EDM_KWARGS, **ARCHS[arch], **PRECONDS[precond]}
     net = _edm_net(kw)

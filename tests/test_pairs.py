@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmm.data import PairSource, make_pairs, open_pairs, shard_seed
+from lmm.pairs import PairSource, make_pairs, open_pairs, shard_seed
 
 SHAPE = (2, 3)
 N, SHARD, CLASSES = 50, 8, 3

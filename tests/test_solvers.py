@@ -8,11 +8,11 @@ from torch import nn
 from lmm.nets.precond import EDMDenoiser, VelocityModel, edm_coefficients
 from lmm.solvers import RK_METHODS, dpm_solver, expected_nfe, solve
 from lmm.teachers import (
+    TEACHERS,
     EDMTeacher,
     FlowTeacher,
     build_teacher,
     sample_teacher,
-    teacher_objective,
 )
 
 ORDERS = {"euler": 1, "heun": 2, "midpoint": 2, "rk4": 4}
@@ -116,7 +116,7 @@ def test_flow_grid():
 
 def test_build_teacher():
     assert isinstance(build_teacher("edm", nn.Identity(), sigma_max=10.0), EDMTeacher)
-    assert teacher_objective("flow") == "flow_matching" and teacher_objective("edm") == "edm"
+    assert TEACHERS["flow"].objective == "flow_matching" and TEACHERS["edm"].objective == "edm"
     with pytest.raises(ValueError, match="valid: flow, edm"):
         build_teacher("ddpm", nn.Identity())
     with pytest.raises(ValueError, match="sigma_max"):

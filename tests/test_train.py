@@ -20,6 +20,10 @@ from lmm.checkpoint import (
     tensors_sha256,
 )
 from lmm.train import (
+    Phase,
+    TrainObjective,
+    TrainSettings,
+    as_objective,
     derive_seed,
     ema_beta,
     meta_differences,
@@ -72,8 +76,9 @@ def run(run_dir: Path, steps: int, source: RegressionSource | None = None, meta:
     args = dict(batch_size=8, lr=1e-2, ema_halflife=200.0, warmup_steps=5, grad_clip=1.0, bf16=False, seed=7,
                 ckpt_every=10, log_every=5, device="cpu", progress=False)
     args.update(kw)
-    ema = train(model, regression_objective, source or RegressionSource(), run_dir=run_dir, steps=steps,
-                meta=meta if meta is not None else {"config": {"lr": args["lr"]}}, **args)
+    ema = train(model, as_objective(regression_objective), source or RegressionSource(),
+                TrainSettings(steps=steps, **args), run_dir=run_dir,
+                meta=meta if meta is not None else {"config": {"lr": args["lr"]}})
     return model, ema
 
 
@@ -198,9 +203,10 @@ def test_ema_follows_the_ramped_decay(tmp_path: Path, rampup: float) -> None:
     torch.manual_seed(0)
     model = TinyNet(dropout=0.0)
     steps, halflife = 30, 2000.0
-    ema = train(model, recording, RegressionSource(), run_dir=tmp_path, steps=steps, batch_size=8, lr=1e-2,
-                ema_halflife=halflife, ema_rampup=rampup, warmup_steps=0, grad_clip=1.0, bf16=False, seed=7,
-                ckpt_every=steps, log_every=steps, meta={}, device="cpu", progress=False)
+    settings = TrainSettings(steps=steps, batch_size=8, lr=1e-2, ema_halflife=halflife, ema_rampup=rampup,
+                             warmup_steps=0, grad_clip=1.0, bf16=False, seed=7, ckpt_every=steps, log_every=steps,
+                             device="cpu", progress=False)
+    ema = train(model, as_objective(recording), RegressionSource(), settings, run_dir=tmp_path, meta={})
     w = weights[1:] + [{k: v.detach() for k, v in model.named_parameters()}]
     ref, share = dict(w[0]), 1.0
     for k in range(1, steps):
@@ -236,9 +242,114 @@ def test_warmup_and_bf16(tmp_path: Path) -> None:
 
 def test_objective_shape_checked(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"per-sample loss of shape \(8,\)"):
-        train(TinyNet(), lambda m, b, step: regression_objective(m, b).mean(), RegressionSource(), run_dir=tmp_path,
-              steps=2, batch_size=8, lr=1e-3, ema_halflife=0.0, warmup_steps=0, grad_clip=0.0, bf16=False,
-              seed=0, ckpt_every=1, log_every=1, meta={}, device="cpu", progress=False)
+        train(TinyNet(), as_objective(lambda m, b, step: regression_objective(m, b).mean()), RegressionSource(),
+              TrainSettings(steps=2, batch_size=8, lr=1e-3, ema_halflife=0.0, warmup_steps=0, grad_clip=0.0,
+                            bf16=False, seed=0, ckpt_every=1, log_every=1, device="cpu", progress=False),
+              run_dir=tmp_path, meta={})
+
+
+_SETTINGS = dict(steps=2, batch_size=8, lr=1e-3, ema_halflife=0.0, warmup_steps=0, grad_clip=0.0, bf16=False, seed=0,
+                 ckpt_every=1, log_every=1, device="cpu")
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"steps": -1}, r"steps must be an integer >= 0, got -1"),
+    ({"batch_size": 2.5}, r"batch_size must be an integer >= 1, got 2.5"),
+    ({"ckpt_every": 0}, r"ckpt_every must be an integer >= 1"),
+    ({"keep": 0}, r"keep must be an integer >= 1"),
+    ({"lr": -1.0}, r"lr and grad_clip must be >= 0"),
+    ({"optimizer": "sgd"}, r"optimizer must be 'adamw' or 'adam', got 'sgd'"),
+    ({"ema_rampup": -0.1}, r"ema_halflife and ema_rampup must be >= 0"),
+])
+def test_settings_validated_on_construction(change: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        TrainSettings(**{**_SETTINGS, **change})
+
+
+def test_settings_from_config_and_defaults() -> None:
+    from dataclasses import FrozenInstanceError, replace
+
+    from lmm.config import load_config
+
+    t = load_config(None, [])["student"]["train"]
+    settings = TrainSettings.from_config(t, seed=3, bf16=True, device="cpu", progress=False)
+    assert (settings.steps, settings.batch_size, settings.lr, settings.ema_halflife, settings.ema_rampup,
+            settings.warmup_steps, settings.grad_clip, settings.ckpt_every, settings.log_every) == (
+        t["steps"], t["batch_size"], t["lr"], t["ema_halflife"], t["ema_rampup"], t["warmup_steps"], t["grad_clip"],
+        t["ckpt_every"], t["log_every"])
+    assert (settings.seed, settings.bf16, settings.device, settings.progress) == (3, True, "cpu", False)
+    assert (settings.optimizer, settings.weight_decay, settings.keep) == ("adamw", 0.0, 2)
+    assert TrainSettings(**_SETTINGS).ema_rampup == 0.25 and TrainSettings(**_SETTINGS).progress
+    with pytest.raises(FrozenInstanceError):
+        settings.steps = 5  # type: ignore[misc]
+    with pytest.raises(ValueError, match="log_every"):
+        replace(settings, log_every=0)
+
+
+def test_objective_protocol(tmp_path: Path) -> None:
+    from lmm.config import load_config
+    from lmm.models import student_objective, teacher_objective
+
+    cfg = load_config(None, [])
+    for objective in (student_objective(cfg["student"], cfg["teacher"]), teacher_objective(cfg["teacher"])):
+        assert isinstance(objective, TrainObjective) and as_objective(objective) is objective
+    wrapped = as_objective(regression_objective)
+    assert isinstance(wrapped, TrainObjective) and not isinstance(regression_objective, TrainObjective)
+    assert wrapped.phases() == [] and wrapped.train_state() == {}
+    wrapped.load_train_state({})
+    with pytest.raises(ValueError, match="keeps no training state"):
+        wrapped.load_train_state({"target": torch.zeros(1)})
+    with pytest.raises(TypeError, match=r"TrainObjective.*as_objective\(fn\)"):
+        train(TinyNet(), regression_objective, RegressionSource(), TrainSettings(**_SETTINGS), run_dir=tmp_path,
+              meta={})
+    assert not (tmp_path / "log.jsonl").exists()
+
+
+def test_phases_and_objective_state_resume_bitwise(tmp_path: Path) -> None:
+    """An objective with a phase (its own network and Adam) and training state: 6 steps, then resumed to 12, equal
+    12 uninterrupted steps bitwise, phase network and objective state included."""
+
+    class Phased(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(1)
+            self.disc = nn.Linear(D, 1)
+            self.register_buffer("target", torch.zeros(D))
+
+        def forward(self, model: nn.Module, batch: dict, step: int) -> torch.Tensor:
+            out = model(batch["x"] + 0.01 * torch.randn_like(batch["x"]))
+            self.target.mul_(0.9).add_(0.1 * out.detach().mean(0))
+            return ((out - batch["y"]) ** 2).mean(1) + 0.1 * self.disc(out).squeeze(1) ** 2
+
+        def phases(self) -> list[Phase]:
+            def loss(net: nn.Module, batch: dict, step: int, rank: int, world: int) -> torch.Tensor:
+                return (net(batch["x"]).squeeze(1) - torch.randn(batch["x"].shape[0])) ** 2
+            return [Phase("disc", self.disc, loss, lr=1e-2, interval=2, start=1)]
+
+        def train_state(self) -> dict[str, torch.Tensor]:
+            return {"target": self.target.clone()}
+
+        def load_train_state(self, state: dict[str, torch.Tensor]) -> None:
+            self.target.copy_(state["target"])
+
+    def fit(run_dir: Path, steps: int) -> tuple[nn.Module, Phased]:
+        objective = Phased()
+        torch.manual_seed(0)
+        model = TinyNet()
+        train(model, objective, RegressionSource(), TrainSettings(**{**_SETTINGS, "steps": steps, "ckpt_every": 6,
+                                                                    "log_every": 3, "progress": False}),
+              run_dir=run_dir, meta={})
+        return model, objective
+
+    full_model, full = fit(tmp_path / "full", 12)
+    fit(tmp_path / "split", 6)
+    split_model, split = fit(tmp_path / "split", 12)
+    for a, b in ((full_model, split_model), (full, split)):
+        for (k, v), (_, w) in zip(a.state_dict().items(), b.state_dict().items()):
+            assert torch.equal(v, w), k
+    tensors, state, _ = load_checkpoint(latest_checkpoint(tmp_path / "split"))
+    assert torch.equal(tensors["objective"]["target"], split.target) and set(state["phase_optimizers"]) == {"disc"}
+    assert all("disc_loss" in r for r in read_log(tmp_path / "full"))
 
 
 def _tensors() -> dict[str, dict[str, torch.Tensor]]:

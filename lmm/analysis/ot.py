@@ -222,7 +222,7 @@ def pair_store_coupling(store: str | Path, batches: list[int], repeats: int, see
     "resolutions", "skipped_batches", "rows": [{"resolution", "dims", "batch", "repeats", "own_fraction",
     "relative_error", "independent_error" and their "*_std"}]}.
     """
-    from lmm.data.pairs import open_pairs
+    from lmm.pairs import open_pairs
 
     pairs = open_pairs(store)
     shape = pairs.data_shape

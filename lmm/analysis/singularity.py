@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lmm.data.datasets import model_rows
+from lmm.data.arrays import model_rows
 from lmm.io import atomic_write_text, save_json
 from lmm.metrics.straightness import endpoint_spread, straightness
 
@@ -48,7 +48,7 @@ def _rows(images: Any, i: int, j: int) -> Tensor:
 def data_statistics(data: Any, chunk: int = 8192) -> dict[str, Any]:
     """The dataset's own spread in endpoint_spread's terms: {"mean": (*data_shape) float64, "dist_to_mean": mean over
     samples of the RMS (over elements) distance to the mean, "pixel_std": per-element std across samples averaged
-    over elements, "n"}. data: an lmm.data.datasets.ImageData (images in model units)."""
+    over elements, "n"}. data: an lmm.data.arrays.ImageData (images in model units)."""
     images, n = data.images, len(data)
     if n < 2:
         raise ValueError(f"data.*: {data.name} holds {n} samples; the analysis needs >= 2")

@@ -419,6 +419,9 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argpa
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(build_parser(), argv)
     try:
+        from lmm.plugins import load_plugins
+
+        load_plugins()
         args.func(args)
         return 0
     except (ConfigError, FileNotFoundError, ValueError, FloatingPointError) as err:

@@ -1,27 +1,16 @@
-"""Datasets, batch sources and the pair store."""
-from lmm.data.datasets import ImageData, TensorSource, load_dataset, make_toy, read_idx
+"""Datasets in their stored formats, the batches read from them and image helpers."""
+from lmm.data.arrays import ImageData, TensorSource
+from lmm.data.datasets import load_dataset
+from lmm.data.fashion_mnist import read_idx
 from lmm.data.images import save_image_grid, to_uint8
-from lmm.data.pairs import (
-    PairSource,
-    PairsReport,
-    PairStore,
-    make_pairs,
-    open_pairs,
-    shard_seed,
-)
+from lmm.data.toy import make_toy
 
 __all__ = [
     "ImageData",
-    "PairSource",
-    "PairStore",
-    "PairsReport",
     "TensorSource",
     "load_dataset",
-    "make_pairs",
     "make_toy",
-    "open_pairs",
     "read_idx",
     "save_image_grid",
-    "shard_seed",
     "to_uint8",
 ]

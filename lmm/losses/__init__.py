@@ -1,5 +1,7 @@
 """Loss terms behind one interface (lmm.losses.base.LossTerm), combined by a weighted sum from the config
-(`student.loss = {l2 = 1.0, perceptual = 1.0, adversarial = 0.1}`). Adding a term: one file, one line here."""
+(`student.loss = {l2 = 1.0, perceptual = 1.0, adversarial = 0.1}`), registered in LOSSES by name; a term's
+`Options` become the config table `student.<name>`. Adding a term: one file and `LOSSES.register(name, cls)`
+(here for lmm's own, in a plugin module for others: lmm.plugins)."""
 from __future__ import annotations
 
 from lmm.losses.adversarial import Adversarial
@@ -7,9 +9,11 @@ from lmm.losses.base import LossTerm
 from lmm.losses.l2 import L2, l2
 from lmm.losses.perceptual import Perceptual
 from lmm.losses.pseudo_huber import PseudoHuber, pseudo_huber, pseudo_huber_c
+from lmm.registry import Registry
 
-LOSSES: dict[str, type[LossTerm]] = {"l2": L2, "pseudo_huber": PseudoHuber, "perceptual": Perceptual,
-                                     "adversarial": Adversarial}
+LOSSES: Registry[LossTerm] = Registry("loss term", "student.loss", options_at="student")
+for _cls in (L2, PseudoHuber, Perceptual, Adversarial):
+    LOSSES.register(_cls.name, _cls)
 
 
 def check_loss(loss: dict[str, float]) -> dict[str, float]:

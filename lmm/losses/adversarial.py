@@ -10,6 +10,7 @@ prediction at the line times it trains on, taken from the main phase of the same
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmm.losses.base import LossTerm
+from lmm.registry import option
 
 AUGMENTS = ("translation", "cutout", "color")
 
@@ -112,9 +114,22 @@ class Adversarial(LossTerm):
 
     name = "adversarial"
 
-    def __init__(self, start: int = 0, lr: float = 2e-4, interval: int = 1, r1: float = 0.0,
-                 augment: list[str] | tuple[str, ...] = AUGMENTS, resolution: int = 64, width: int = 64,
-                 seed: int = 0, adaptive: bool = False) -> None:
+    @dataclass(frozen=True)
+    class Options:
+        start: int = option(0, min=0)
+        lr: float = option(2e-4, min=1e-12)
+        interval: int = option(1, min=1)
+        r1: float = option(0.0, min=0.0)
+        augment: tuple[str, ...] = option(AUGMENTS, choices=AUGMENTS)
+        resolution: int = option(64, min=32)
+        width: int = option(64, min=1)
+        seed: int = option(0, min=0)
+        adaptive: bool = option(False)
+
+    def __init__(self, start: int = Options.start, lr: float = Options.lr, interval: int = Options.interval,
+                 r1: float = Options.r1, augment: list[str] | tuple[str, ...] = Options.augment,
+                 resolution: int = Options.resolution, width: int = Options.width, seed: int = Options.seed,
+                 adaptive: bool = Options.adaptive) -> None:
         super().__init__()
         bad = [a for a in augment if a not in AUGMENTS]
         if bad:

@@ -11,7 +11,9 @@ class LossTerm(nn.Module):
 
     pred: the student's predicted endpoint, target: the teacher's endpoint x1, both (B, C, H, W) in [-1, 1]
     (or (B, D) for vector data). ctx: {"t": (B,) line times, "y": (B,) labels or None, "step": int}.
-    Options come from the config table named after the term (`student.<name>`, e.g. `student.adversarial`).
+    Options: a frozen dataclass `Options` (lmm.registry.option fields) whose fields are the constructor's keyword
+    arguments and whose defaults those arguments take; the config table named after the term (`student.<name>`,
+    e.g. `student.adversarial`) is made from it and handed to the constructor.
     A term that needs networks loads them in `setup` (frozen ones with requires_grad False; they move with the
     objective to the device); a term that trains a network of its own returns its `phases()` (lmm.train.Phase).
     """

@@ -7,12 +7,14 @@ summed over layers (LPIPS without learned layer weights). network="lpips_vgg" | 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from lmm.losses.base import LossTerm
+from lmm.registry import option
 
 NETWORKS = ("efficientnet", "lpips_vgg", "lpips_alex")
 
@@ -33,7 +35,12 @@ class Perceptual(LossTerm):
 
     name = "perceptual"
 
-    def __init__(self, network: str = "efficientnet", resolution: int = 64) -> None:
+    @dataclass(frozen=True)
+    class Options:
+        network: str = option("efficientnet", choices=NETWORKS)
+        resolution: int = option(64, min=32)
+
+    def __init__(self, network: str = Options.network, resolution: int = Options.resolution) -> None:
         super().__init__()
         if network not in NETWORKS:
             raise ValueError(f"student.perceptual.network: unknown {network!r}; valid: {', '.join(NETWORKS)}")

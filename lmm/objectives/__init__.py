@@ -11,29 +11,39 @@ from lmm.objectives.flow_matching import FlowMatching
 from lmm.objectives.lines import Lines
 from lmm.objectives.ot_cfm import OTCFM
 from lmm.objectives.reflow import Reflow
+from lmm.registry import Registry
 
-# students: chosen by `student.objective`; each implements Objective.from_config
-STUDENT_OBJECTIVES: dict[str, type[Objective]] = {"lines": Lines, "reflow": Reflow, "ot_cfm": OTCFM,
-                                                  "consistency": Consistency}
-OBJECTIVES: dict[str, type[Objective]] = {"flow_matching": FlowMatching, "edm": EDMLoss, **STUDENT_OBJECTIVES}
+# students: chosen by `student.objective`; each implements Objective.from_config. OBJECTIVES: every objective a
+# model file can name (the students' and the teachers' training objectives).
+STUDENT_OBJECTIVES: Registry[Objective] = Registry("student objective", "student.objective", options_at="student")
+OBJECTIVES: Registry[Objective] = Registry("objective", "objective")
+for _cls in (FlowMatching, EDMLoss):
+    OBJECTIVES.register(_cls.name, _cls)
+for _cls in (Lines, Reflow, OTCFM, Consistency):
+    STUDENT_OBJECTIVES.register(_cls.name, _cls)
+    OBJECTIVES.register(_cls.name, _cls)
+
+
+def register_student_objective(name: str, cls: type[Objective]) -> type[Objective]:
+    """Make `cls` the student objective `student.objective = name` (and loadable from model files)."""
+    OBJECTIVES.register(name, cls)
+    return STUDENT_OBJECTIVES.register(name, cls)
 
 
 def unread_student_keys(scfg: dict, defaults: dict) -> list[str]:
     """Keys of config section `student` that its objective does not read (Objective.reads) yet are set to other
     values than their `defaults`; loss-term option tables (`student.perceptual`, ...) configure a term only
     when it is in `student.loss` and are not counted."""
-    cls = STUDENT_OBJECTIVES.get(scfg.get("objective"))
-    if cls is None:
+    if scfg.get("objective") not in STUDENT_OBJECTIVES:
         return []
+    cls = STUDENT_OBJECTIVES.get(scfg["objective"])
     read = {*STUDENT_KEYS_ALWAYS_READ, *cls.reads, *LOSSES}
     return [k for k in scfg if k not in read and k in defaults and scfg[k] != defaults[k]]
 
 
 def get_objective(name: str, **kwargs) -> Objective:
     """Objective `name` (a key of OBJECTIVES) built with kwargs; unknown name or key -> ValueError."""
-    if name not in OBJECTIVES:
-        raise ValueError(f"unknown objective {name!r}; valid: {', '.join(OBJECTIVES)}")
-    cls = OBJECTIVES[name]
+    cls = OBJECTIVES.get(name)
     valid = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
     for key in kwargs:
         if key not in valid:
@@ -42,4 +52,4 @@ def get_objective(name: str, **kwargs) -> Objective:
 
 
 __all__ = ["Consistency", "EDMLoss", "FlowMatching", "Lines", "OBJECTIVES", "OTCFM", "Objective", "Reflow",
-           "STUDENT_OBJECTIVES", "get_objective", "unread_student_keys"]
+           "STUDENT_OBJECTIVES", "get_objective", "register_student_objective", "unread_student_keys"]

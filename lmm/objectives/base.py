@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from lmm.nets.precond import bcast
 
-__all__ = ["Objective", "STUDENT_KEYS_ALWAYS_READ", "STUDENT_PRECONDS", "bcast", "loss_config", "sample_times", "student_precond"]
+__all__ = ["Objective", "STUDENT_KEYS_ALWAYS_READ", "STUDENT_PRECONDS", "bcast", "line_point", "loss_config", "sample_times", "student_precond"]
 
 
 class Objective(nn.Module):
@@ -78,6 +78,11 @@ class Objective(nn.Module):
             )
 
 
+def line_point(z: Tensor, x1: Tensor, t: Tensor) -> Tensor:
+    """x_t = (1 - t) z + t x1 of z, x1 (B, ...) at times t (B,)."""
+    return bcast(1 - t, x1) * z + bcast(t, x1) * x1
+
+
 def sample_times(n: int, time_sampling: str, logit_mean: float, logit_std: float, like: Tensor) -> Tensor:
     """(n,) times in [0, 1] with like's dtype/device: "uniform" U[0, 1) or "logit_normal" sigmoid(N(m, s^2))."""
     if time_sampling == "uniform":
@@ -102,6 +107,7 @@ def student_precond(precond: str, sigma_data: float, tcfg: dict | None) -> dict[
     STUDENT_PRECONDS): "teacher" takes the line parameterisation of the teacher described by tcfg (its `teacher`
     config section: kind, sigma_max, sigma_data, denoiser), so that a student initialised from the teacher's
     weights starts as the teacher's own endpoint predictor."""
+    from lmm.nets.precond import PARAMETERISATIONS
     from lmm.teachers import TEACHERS
 
     if precond not in STUDENT_PRECONDS:
@@ -110,9 +116,7 @@ def student_precond(precond: str, sigma_data: float, tcfg: dict | None) -> dict[
     out = {"precond": precond, "sigma_data": float(sigma_data), "sigma_max": float(tcfg.get("sigma_max", 80.0)),
            "denoiser": tcfg.get("denoiser", "edm")}
     if precond == "teacher":
-        if tcfg.get("kind") not in TEACHERS:
-            raise ValueError(f"teacher.kind: unknown '{tcfg.get('kind')}'; valid: {', '.join(TEACHERS)}")
-        out["precond"] = TEACHERS[tcfg["kind"]].line_precond
-        if out["precond"] == "edm":
+        out["precond"] = TEACHERS.get(tcfg.get("kind")).line_precond
+        if PARAMETERISATIONS.get(out["precond"]).teacher_sigma_data:
             out["sigma_data"] = float(tcfg["sigma_data"])
     return out

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -9,7 +10,8 @@ from torch import Tensor, nn
 
 from lmm.losses.combined import LossSum
 from lmm.nets.precond import LinesModel
-from lmm.objectives.base import Objective, bcast, loss_config, student_precond
+from lmm.objectives.base import Objective, bcast, line_point, loss_config, student_precond
+from lmm.registry import option
 
 SOLVERS = ("euler", "heun")
 
@@ -47,9 +49,17 @@ class Consistency(Objective):
     source = "data"
     needs_teacher = True
     sampler = "restart"
+    reads = ("loss", "consistency", "precond", "sigma_data")
+
+    @dataclass(frozen=True)
+    class Options:
+        steps: int = option(18, min=1)
+        ema: float = option(0.95, min=0.0)
+        solver: str = option("heun", choices=SOLVERS)
 
     def __init__(self, loss: dict[str, float] | None = None, loss_options: dict[str, dict] | None = None,
-                 steps: int = 18, ema: float = 0.95, solver: str = "heun", sigma_min: float = 0.002,
+                 steps: int = Options.steps, ema: float = Options.ema, solver: str = Options.solver,
+                 sigma_min: float = 0.002,
                  grid_sigma_max: float = 80.0, rho: float = 7.0, precond: str = "lines", sigma_data: float = 0.5,
                  sigma_max: float = 80.0, denoiser: str = "edm") -> None:
         super().__init__()
@@ -65,8 +75,6 @@ class Consistency(Objective):
         self.precond, self.sigma_data, self.sigma_max, self.denoiser = precond, float(sigma_data), float(sigma_max), denoiser
         self.teacher: nn.Module | None = None
         self.target: nn.Module | None = None
-
-    reads = ("loss", "consistency", "precond", "sigma_data")
 
     @classmethod
     def from_config(cls, scfg: dict, tcfg: dict | None) -> Consistency:
@@ -130,7 +138,7 @@ class Consistency(Objective):
         n = torch.randint(self.steps, (x.shape[0],), device=x.device)
         t, t_next = grid[n], grid[n + 1]
         z = torch.randn_like(x)
-        x_t = bcast(1 - t, x) * z + bcast(t, x) * x
+        x_t = line_point(z, x, t)
         with torch.no_grad():
             target = self.target(self.teacher_step(x_t, t, t_next, y), t_next, y)
         pred = model(x_t, t, y)

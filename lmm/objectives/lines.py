@@ -6,7 +6,7 @@ from torch import Tensor, nn
 
 from lmm.losses.combined import LossSum
 from lmm.nets.precond import LinesModel, check_precond, lines_coefficients
-from lmm.objectives.base import Objective, bcast, loss_config, sample_times, student_precond
+from lmm.objectives.base import Objective, line_point, loss_config, sample_times, student_precond
 
 TIME_SAMPLINGS = ("uniform", "logit_normal", "grid")
 WEIGHTINGS = ("none", "balanced")
@@ -116,7 +116,7 @@ class Lines(Objective):
         if z.shape != x1.shape:
             raise ValueError(f"lines batch: z has shape {tuple(z.shape)} but x1 has {tuple(x1.shape)}")
         t = self.sample_t(x1.shape[0], x1)
-        x_t = bcast(1 - t, x1) * z + bcast(t, x1) * x1
+        x_t = line_point(z, x1, t)
         pred = model(x_t, t, batch.get("y"))
         loss = self.terms(pred, x1, {"t": t, "y": batch.get("y"), "step": step})
         return loss * self.weight(t) if self.weighting == "balanced" else loss

@@ -6,7 +6,7 @@ from torch import Tensor, nn
 
 from lmm.losses.l2 import l2
 from lmm.nets.precond import LinesModel, check_precond
-from lmm.objectives.base import Objective, bcast, student_precond
+from lmm.objectives.base import Objective, line_point, student_precond
 
 T_MAX = 0.999
 
@@ -42,5 +42,5 @@ class Reflow(Objective):
         self._check_batch(batch)
         z, x1 = batch["z"], batch["x1"]
         t = T_MAX * torch.rand(x1.shape[0], dtype=x1.dtype, device=x1.device)
-        x_t = bcast(1 - t, x1) * z + bcast(t, x1) * x1
+        x_t = line_point(z, x1, t)
         return l2(model.velocity(x_t, t, batch.get("y")), x1 - z)

@@ -5,28 +5,26 @@ import inspect
 
 from torch import nn
 
+from lmm.registry import Registry
 from lmm.teachers.base import Teacher, sample_teacher
 from lmm.teachers.edm import EDMTeacher
 from lmm.teachers.flow import FlowTeacher
 
-TEACHERS: dict[str, type[Teacher]] = {"flow": FlowTeacher, "edm": EDMTeacher}
-TEACHER_OBJECTIVES: dict[str, str] = {kind: cls.objective for kind, cls in TEACHERS.items()}
+TEACHERS: Registry[Teacher] = Registry("teacher kind", "teacher.kind")
+for _cls in (FlowTeacher, EDMTeacher):
+    TEACHERS.register(_cls.kind, _cls)
 
 
-def _check_kind(kind: str) -> type[Teacher]:
-    if kind not in TEACHERS:
-        raise ValueError(f"unknown teacher kind {kind!r}; valid: {', '.join(TEACHERS)}")
-    return TEACHERS[kind]
-
-
-def teacher_objective(kind: str) -> str:
-    """Name of the objective a teacher of this kind trains with ("flow" -> "flow_matching", "edm" -> "edm")."""
-    return _check_kind(kind).objective
+def register_teacher(name: str, cls: type[Teacher]) -> type[Teacher]:
+    """Make `cls` the teacher kind `teacher.kind = name`; its training objective (`cls.objective`) must be in
+    lmm.objectives.OBJECTIVES."""
+    cls.kind = name
+    return TEACHERS.register(name, cls)
 
 
 def build_teacher(kind: str, model: nn.Module, **kw) -> Teacher:
-    """Teacher of `kind` ("flow" | "edm") around a preconditioned model; kw go to its constructor."""
-    cls = _check_kind(kind)
+    """Teacher of `kind` (a TEACHERS name) around a preconditioned model; kw go to its constructor."""
+    cls = TEACHERS.get(kind)
     valid = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "model")]
     for key in kw:
         if key not in valid:
@@ -38,9 +36,8 @@ __all__ = [
     "EDMTeacher",
     "FlowTeacher",
     "TEACHERS",
-    "TEACHER_OBJECTIVES",
     "Teacher",
     "build_teacher",
+    "register_teacher",
     "sample_teacher",
-    "teacher_objective",
 ]

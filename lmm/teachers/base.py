@@ -1,6 +1,8 @@
 """Teacher interface: a preconditioned model plus the ODE it defines, and `sample_teacher`."""
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 import torch
 from torch import Tensor, nn
 
@@ -13,15 +15,25 @@ SCHEDULES = ("edm", "trimmed")
 class Teacher(nn.Module):
     """An ODE from noise (grid[0]) to data (grid[-1]) in the teacher's own time variable.
 
-    Subclasses set `kind`, `objective` (the objective name its model trains with), `line_precond` (the
-    lmm.nets.precond.LinesModel parameterisation that writes their model on the line) and `singular_end`,
-    and implement grid, prior, velocity, endpoint_from_velocity, line_endpoint and alpha_sigma.
+    Subclasses set `kind`, `objective` (the name of the objective its model trains with, in
+    lmm.objectives.OBJECTIVES), `line_precond` (the lmm.nets.precond.LinesModel parameterisation that writes their
+    model on the line), `ode_keys` (the keys of config section `teacher` its constructor takes) and
+    `singular_end`, and implement grid, prior, velocity, endpoint_from_velocity, line_endpoint and alpha_sigma;
+    `training_objective` builds the objective from the `teacher` section.
     """
 
     kind: str
     objective: str
     line_precond: str
+    ode_keys: ClassVar[tuple[str, ...]] = ()
     singular_end: bool = False
+
+    @classmethod
+    def training_objective(cls, tcfg: dict) -> Any:
+        """The lmm.objectives.Objective that trains this kind's model, from config section `teacher`."""
+        from lmm.objectives import get_objective
+
+        return get_objective(cls.objective)
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()

@@ -1,6 +1,8 @@
 """EDM teacher (Karras et al. 2022): time sigma, preconditioned denoiser, rho-schedule grid."""
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -21,7 +23,15 @@ class EDMTeacher(Teacher):
     kind = "edm"
     objective = "edm"
     line_precond = "edm"
+    ode_keys = ("sigma_min", "sigma_max", "rho")
     singular_end = True
+
+    @classmethod
+    def training_objective(cls, tcfg: dict) -> Any:
+        from lmm.objectives import get_objective
+
+        return get_objective(cls.objective, sigma_data=tcfg["sigma_data"], P_mean=tcfg["P_mean"],
+                             P_std=tcfg["P_std"], denoiser=tcfg["denoiser"])
 
     def __init__(self, model: nn.Module, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> None:
         super().__init__(model)
