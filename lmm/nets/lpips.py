@@ -98,10 +98,10 @@ class LPIPS(nn.Module):
         return super().train(False)
 
     def _taps(self, x: Tensor) -> list[Tensor]:
-        if min(x.shape[-2:]) < self.resolution:
-            x = resize(x, (self.resolution, self.resolution))
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
+        if min(x.shape[-2:]) < self.resolution:
+            x = resize(x, (self.resolution, self.resolution))
         x = (x - self.shift) / self.scale
         out = []
         for i, layer in enumerate(self.features):

@@ -50,11 +50,11 @@ class EfficientNetPyramid(nn.Module):
         return super().train(False)
 
     def forward(self, x: Tensor) -> list[Tensor]:
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
         r = self.resolution
         if x.shape[-2:] != (r, r):
             x = resize(x, (r, r), antialias=x.shape[-1] > r)
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
         x = ((x + 1) * 127.5 - 127.0) / 128.0
         x = self.stem(x)
         out = []
