@@ -16,8 +16,7 @@ from lmm.checkpoint import load_model_file
 from lmm.config import defaults, flat_keys
 from lmm.nets import build_net
 from lmm.objectives import STUDENT_OBJECTIVES, Objective, get_objective
-from lmm.teachers import TEACHERS, Teacher, build_teacher
-from lmm.teachers.diffusers import is_diffusers_folder, load_diffusers_teacher
+from lmm.teachers import TEACHERS, Teacher, build_teacher, folder_teacher
 from lmm.train import RESUME_IGNORE_KEY
 
 # Config keys that may change between a run and its resumption: how long and how verbosely to train,
@@ -32,7 +31,11 @@ _OTHER_STAGES = {"teacher": ["config.pairs", "config.student", "config.teacher.s
 
 def teacher_objective(tcfg: dict) -> Objective:
     """The objective that trains a teacher of config section `teacher` (its kind's `training_objective`)."""
-    return TEACHERS.get(tcfg["kind"]).training_objective(tcfg)
+    cls = TEACHERS.get(tcfg["kind"])
+    if not cls.trainable:
+        raise ValueError(f"teacher.kind={tcfg['kind']}: such teachers are loaded from their folders (--teacher / "
+                         "--model FOLDER), not trained by lmm")
+    return cls.training_objective(tcfg)
 
 
 def student_objective_class(name: str) -> type[Objective]:
@@ -102,19 +105,20 @@ def model_path(path: str | Path) -> Path:
     `model.safetensors`), or a diffusers folder itself; its sha256 (lmm.io.path_sha256) identifies the model."""
     path = Path(path)
     if path.is_dir():
-        return path if is_diffusers_folder(path) else path / "model.safetensors"
+        return path if folder_teacher(path) else path / "model.safetensors"
     return path.with_suffix(".safetensors")
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module | Teacher, dict]:
     """Rebuild the model saved at `path` (`X.safetensors`, its `X.json` beside it, or a run folder), or load a
-    diffusers model folder as a teacher (lmm.teachers.diffusers.load_diffusers_teacher; extra `lmm[diffusers]`).
+    folder in a teacher kind's own format as that teacher (lmm.teachers.folder_teacher: a diffusers model folder,
+    extra `lmm[diffusers]`).
 
     Returns (Teacher, meta) for a teacher file and (LinesModel, meta) for a student file, in eval mode.
     """
     path = model_path(path)
     if path.is_dir():
-        return load_diffusers_teacher(path, device)
+        return folder_teacher(path).load_folder(path, device)
     state, meta = load_model_file(path)
     if meta.get("format") != "lmm-model/1":
         raise ValueError(f"{path}: not an lmm model file (meta 'format' is {meta.get('format')!r})")

@@ -2,17 +2,24 @@
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
 
 from torch import nn
 
 from lmm.registry import Registry
 from lmm.teachers.base import Teacher, sample_teacher
+from lmm.teachers.diffusers import DiffusersTeacher
 from lmm.teachers.edm import EDMTeacher
 from lmm.teachers.flow import FlowTeacher
 
 TEACHERS: Registry[Teacher] = Registry("teacher kind", "teacher.kind")
-for _cls in (FlowTeacher, EDMTeacher):
-    TEACHERS.register(_cls.kind, _cls)
+for _name, _cls in (("flow", FlowTeacher), ("edm", EDMTeacher), ("diffusers", DiffusersTeacher)):
+    TEACHERS.register(_name, _cls)
+
+
+def folder_teacher(path: Path) -> type[Teacher] | None:
+    """The teacher kind whose own folder format `path` is (e.g. a diffusers model folder), or None."""
+    return next((cls for _, cls in TEACHERS.items() if cls.owns_folder(path)), None)
 
 
 def register_teacher(name: str, cls: type[Teacher]) -> type[Teacher]:
@@ -33,11 +40,13 @@ def build_teacher(kind: str, model: nn.Module, **kw) -> Teacher:
 
 
 __all__ = [
+    "DiffusersTeacher",
     "EDMTeacher",
     "FlowTeacher",
     "TEACHERS",
     "Teacher",
     "build_teacher",
+    "folder_teacher",
     "register_teacher",
     "sample_teacher",
 ]

@@ -1,6 +1,7 @@
 """Teacher interface: a preconditioned model plus the ODE it defines, and `sample_teacher`."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -27,6 +28,18 @@ class Teacher(nn.Module):
     line_precond: str
     ode_keys: ClassVar[tuple[str, ...]] = ()
     singular_end: bool = False
+    # False for kinds that lmm loads from another tool's folders (owns_folder / load_folder) and never trains
+    trainable: ClassVar[bool] = True
+
+    @classmethod
+    def owns_folder(cls, path: Path) -> bool:
+        """Whether the folder `path` holds a model in this kind's own format (kinds stored as lmm model files: no)."""
+        return False
+
+    @classmethod
+    def load_folder(cls, path: Path, device: str | torch.device = "cpu") -> tuple[Teacher, dict]:
+        """(teacher in eval mode on `device`, meta like an lmm teacher file's) of a folder this kind owns."""
+        raise NotImplementedError(f"teacher kind {cls.kind!r} is not loaded from folders")
 
     @classmethod
     def training_objective(cls, tcfg: dict) -> Any:

@@ -116,7 +116,19 @@ class DiffusersTeacher(EDMTeacher):
     """EDMTeacher on a DiffusersDenoiser whose "trimmed" grid is the scheduler's (module docstring).
 
     scheduler: the diffusers DDIMScheduler of the folder's scheduler config; its set_timesteps makes the grid.
+    Registered as teacher kind "diffusers", loaded from folders, never trained; its model files and pair stores
+    record the ODE's kind, "edm".
     """
+
+    trainable = False
+
+    @classmethod
+    def owns_folder(cls, path: Path) -> bool:
+        return is_diffusers_folder(path)
+
+    @classmethod
+    def load_folder(cls, path: Path, device: str | torch.device = "cpu") -> tuple[DiffusersTeacher, dict]:
+        return load_diffusers_teacher(path, device)
 
     def __init__(self, model: DiffusersDenoiser, scheduler: Any) -> None:
         super().__init__(model, sigma_min=float(model.sigmas[0]), sigma_max=float(model.sigmas[-1]), rho=7.0)
