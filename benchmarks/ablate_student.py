@@ -23,8 +23,9 @@ import torch
 
 from lmm.config import load_config
 from lmm.evaluate import reference, score
+from lmm.generate import sample
 from lmm.models import load_model
-from lmm.pipeline import sample, train_student
+from lmm.pipeline import train_student
 
 VARIANTS: dict[str, list[str]] = {
     "default": [],

@@ -22,9 +22,10 @@ import torch
 
 from lmm.config import load_config
 from lmm.data.arrays import TensorSource
+from lmm.data.from_config import load_data
 from lmm.evaluate import reference, score
+from lmm.generate import sample
 from lmm.models import build_model, load_model, student_objective
-from lmm.pipeline import load_data, sample
 from lmm.train import TrainSettings, train
 
 

@@ -43,10 +43,11 @@ import numpy as np
 from lmm.config import load_config
 from lmm.data.images import save_image_grid
 from lmm.evaluate import evaluate_inputs, reference_cache
+from lmm.generate import sample
 from lmm.io import atomic_write_text, save_json
 from lmm.models import load_model
 from lmm.pairs import open_pairs
-from lmm.pipeline import generate_pairs, sample, train_student, train_teacher
+from lmm.pipeline import generate_pairs, train_student, train_teacher
 from lmm.solvers import steps_within
 from lmm.teachers import Teacher
 

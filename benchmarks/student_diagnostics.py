@@ -22,10 +22,11 @@ import torch
 
 from lmm.checkpoint import latest_checkpoint, load_checkpoint
 from lmm.config import load_config
+from lmm.data.from_config import load_data
 from lmm.data.images import save_image_grid
+from lmm.generate import sample
 from lmm.models import load_model
 from lmm.objectives import get_objective
-from lmm.pipeline import load_data, sample
 from lmm.report import svg_plot
 
 

@@ -33,8 +33,8 @@ import torch
 from lmm.checkpoint import latest_checkpoint, load_checkpoint
 from lmm.config import load_config
 from lmm.evaluate import reference, reference_cache, score
+from lmm.generate import noise_batches, sample
 from lmm.models import load_model
-from lmm.pipeline import noise_batches, sample
 from lmm.solvers import expected_nfe
 from lmm.teachers import Teacher, sample_teacher
 

@@ -6,23 +6,24 @@ from pathlib import Path
 from lmm import dist, pipeline
 from lmm.evaluate import evaluate_run
 from lmm.report import build_report
+from lmm.runs import Timer, record_config, run_dir
 
 
 def run_demo(cfg: dict) -> Path:
     """Train teacher, make pairs, train student, evaluate teacher and student at several NFE, report."""
-    run = pipeline.run_dir(cfg)
+    run = run_dir(cfg)
     dist.init_distributed(cfg["run"]["device"], deterministic=cfg["run"]["deterministic"])
-    timer = pipeline.Timer(run / "timings.json")
+    timer = Timer(run / "timings.json")
     with timer.stage("train teacher"):
         teacher = pipeline.train_teacher(cfg)
-    pipeline.record_config(cfg, "teacher")
+    record_config(cfg, "teacher")
     with timer.stage("generate pairs"):
         store = pipeline.generate_pairs(cfg, teacher_path=teacher)
-    pipeline.record_config(cfg, "pairs")
+    record_config(cfg, "pairs")
     with timer.stage("train student"):
         student = pipeline.train_student(cfg, store=store, teacher_path=teacher)
-    pipeline.record_config(cfg, "student")
+    record_config(cfg, "student")
     with timer.stage("sample + evaluate"):
         evaluate_run(cfg, teacher, student)
-    pipeline.record_config(cfg, "eval")
+    record_config(cfg, "eval")
     return build_report(run, title=f"LMM demo: {cfg['data']['name']}") if dist.is_main() else run

@@ -13,6 +13,8 @@ import torch
 from torch import Tensor, nn
 
 from lmm import dist
+from lmm.data.from_config import load_data
+from lmm.generate import noise_batches, sample, save_samples
 from lmm.io import file_sha256, path_sha256, save_json
 from lmm.metrics import (
     FeatureStats,
@@ -29,7 +31,7 @@ from lmm.metrics import (
     subset_indices,
 )
 from lmm.models import load_model, model_path
-from lmm.pipeline import load_data, noise_batches, run_dir, sample, save_samples, use_bf16
+from lmm.runs import run_dir, use_bf16
 from lmm.sampling import grid_for, sample_lines
 from lmm.solvers import DPM_METHODS, steps_within
 from lmm.teachers import Teacher

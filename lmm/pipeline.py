@@ -1,25 +1,20 @@
-"""The pipeline's stages as functions of one run config: teacher -> pairs -> student -> samples -> metrics.
+"""The three training stages as functions of one run config: teacher -> pairs -> student.
 
 Each stage reads what the previous one wrote under `run.dir` (or an explicit path) and writes its own
-folder there; each is safe to rerun (training and pair generation resume where they stopped).
+folder there; each is safe to rerun (training and pair generation resume where they stopped). Sampling and
+evaluation, the stages after these: lmm.generate, lmm.evaluate.
 """
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import json
-import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable
 
-import numpy as np
 import torch
 
 from lmm import dist
-from lmm.data.arrays import ImageData, TensorSource
-from lmm.data.datasets import load_dataset
-from lmm.data.images import save_image_grid, to_uint8
-from lmm.io import atomic_path, path_sha256, save_json
+from lmm.data.from_config import load_data, num_classes, real_source
+from lmm.generate import bf16_autocast
+from lmm.io import path_sha256
 from lmm.models import (
     build_model,
     load_model,
@@ -31,86 +26,11 @@ from lmm.models import (
     teacher_objective,
 )
 from lmm.pairs import PairSource, make_pairs
-from lmm.progress import progress_bar
-from lmm.sampling import default_grid, sample_lines
+from lmm.runs import run_dir, use_bf16
 from lmm.solvers import expected_nfe
 from lmm.teachers import Teacher
 from lmm.teachers.base import sample_teacher
 from lmm.train import TrainSettings, train
-
-
-def run_dir(cfg: dict) -> Path:
-    return Path(cfg["run"]["dir"])
-
-
-# The config keys each stage's output depends on; record_config updates only these in RUN/config.json.
-STAGE_KEYS = {
-    "teacher": ["run", "data", "teacher"],
-    "pairs": ["pairs", "teacher.solver", "teacher.steps", "teacher.schedule"],
-    "student": ["student"],
-    "eval": ["eval"],
-}
-
-
-def record_config(cfg: dict, stage: str) -> None:
-    """Update RUN/config.json with the keys `stage` used (STAGE_KEYS), after it has succeeded, so that a refused
-    or failed stage leaves the record as it was and the file always describes the models in the folder. The
-    first stage to write it records the whole config."""
-    if not dist.is_main():
-        return
-    path = run_dir(cfg) / "config.json"
-    record = json.loads(path.read_text()) if path.is_file() else json.loads(json.dumps(cfg))
-    keys = STAGE_KEYS[stage]
-    if stage == "teacher":
-        keys = ["run", "data", *(f"teacher.{k}" for k in cfg["teacher"] if f"teacher.{k}" not in STAGE_KEYS["pairs"])]
-    for key in keys:
-        *parents, last = key.split(".")
-        src, dst = cfg, record
-        for part in parents:
-            src, dst = src[part], dst.setdefault(part, {})
-        dst[last] = src[last]
-    save_json(path, record)
-
-
-_SPLIT_DATASETS = ("fashion_mnist", "cifar10", "imagenet64", "afhq")
-_FOLDER_DATASETS = ("image_folder", "afhq")
-
-
-def load_data(cfg: dict) -> ImageData:
-    """The dataset of cfg["data"] as stored (uint8 images are converted per batch by `ImageData.source`), cut to
-    its first data.n samples (views) when data.n > 0; refused when data.resolution / data.channels (when set)
-    differ from the dataset's own."""
-    d = cfg["data"]
-    name = d["name"]
-    kw: dict[str, Any] = {"split": d["split"]} if name in _SPLIT_DATASETS else {}
-    if not kw and d["split"] != "train":
-        raise ValueError(f"data.split / eval.split = {d['split']!r}: dataset '{name}' has only one split ('train')")
-    if name == "toy":
-        kw = {"kind": d["toy"], "n": d["n"] or 20_000, "seed": cfg["run"]["seed"]}
-    elif name in _FOLDER_DATASETS:
-        kw.update(resolution=d["resolution"], channels=d["channels"] or 3, labels=d["conditional"])
-    data = load_dataset(name, root=d["root"] or None, **kw)
-    if len(data.data_shape) == 3:
-        c, h, _ = data.data_shape
-        for key, want, have in (("resolution", d["resolution"], h), ("channels", d["channels"], c)):
-            if want and want != have:
-                raise ValueError(f"data.{key}={want}, but {data.name} has {have}; set data.{key}=0 (or {have})")
-    if d["n"] and name != "toy":
-        data = data.head(d["n"])
-    return data
-
-
-def num_classes(cfg: dict, data: ImageData) -> int:
-    return data.num_classes if cfg["data"]["conditional"] else 0
-
-
-def _autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
-
-
-def use_bf16(cfg: dict, device: torch.device) -> bool:
-    """run.bf16 resolved for `device` ("auto": on where the device computes bf16 natively)."""
-    return dist.resolve_bf16(cfg["run"]["bf16"], device)
 
 
 def _train_settings(cfg: dict, section: dict, device: torch.device) -> TrainSettings:
@@ -134,12 +54,14 @@ def train_teacher(cfg: dict) -> Path:
     return out / "model.safetensors"
 
 
-def teacher_sampler(teacher: Teacher, solver: str, steps: int, bf16: bool, schedule: str = "edm"):
-    """generate(z, y) -> x1 with the teacher's deterministic ODE solver."""
+def teacher_sampler(teacher: Teacher, solver: str, steps: int, bf16: bool, schedule: str = "edm"
+                    ) -> Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]:
+    """generate(z, y) -> x1 with the teacher's deterministic ODE solver: noise z (B, *data_shape) and labels y (B,)
+    or None, on any device, to float32 endpoints x1 (B, *data_shape) on the teacher's device."""
     device = next(teacher.parameters()).device
 
     def generate(z: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
-        with torch.no_grad(), _autocast(device, bf16):
+        with torch.no_grad(), bf16_autocast(device, bf16):
             return sample_teacher(teacher, z.to(device), steps, solver, None if y is None else y.to(device),
                                   schedule=schedule).x.float()
 
@@ -221,16 +143,6 @@ def train_student(cfg: dict, store: str | Path | None = None, teacher_path: str 
     return out / "model.safetensors"
 
 
-def real_source(cfg: dict, shape: tuple[int, ...], ncls: int) -> TensorSource:
-    """Dataset images {"x", "y" when conditional} as a BatchSource (seed run.seed + 1), for loss terms that compare
-    with real data; refused when the dataset's shape or classes differ from the pair store's."""
-    data = load_data(cfg)
-    if data.data_shape != tuple(shape) or (ncls and data.num_classes != ncls):
-        raise ValueError(f"data.* ({data.name}: {data.data_shape}, {data.num_classes} classes) is not the "
-                         f"data of the pair store ({tuple(shape)}, {ncls} classes)")
-    return data.source(cfg["run"]["seed"] + 1, labels=ncls > 0)
-
-
 def store_teacher(manifest: dict, teacher_path: str | Path | None, run: Path) -> Path:
     """The teacher file (or diffusers folder) that made a pair store, found by its sha256 (lmm.io.path_sha256):
     `teacher_path` if given, else RUN/teacher, else the path the store recorded. Raises ValueError when the one
@@ -260,107 +172,3 @@ def _init_from_teacher(student: torch.nn.Module, teacher: torch.nn.Module | Teac
                          "velocity field, which this student's model is; set student.init=scratch")
     net = teacher.model.net if isinstance(teacher, Teacher) else teacher.net
     student.net.load_state_dict(net.state_dict())
-
-
-def noise_batches(n: int, batch_size: int, shape: tuple[int, ...], ncls: int, seed: int, label: int | None = None
-                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
-    """Seeded noise in batches, identical for every model sampled with `seed`, and for conditional models
-    labels: balanced (sample i has class i % ncls), or all `label`."""
-    if label is not None and not 0 <= label < ncls:
-        raise ValueError(f"class {label} is not one of the model's {ncls} classes" if ncls else
-                         f"class {label} asked of an unconditional model")
-    gen = torch.Generator().manual_seed(seed)
-    for start in range(0, n, batch_size):
-        b = min(batch_size, n - start)
-        z = torch.randn((b, *shape), generator=gen)
-        y = None if not ncls else torch.full((b,), label) if label is not None else torch.arange(start, start + b) % ncls
-        yield z, y
-
-
-def restart_generator(seed: int, batch: int) -> torch.Generator:
-    """The CPU generator of the restart sampler's fresh noise for noise batch `batch` of sampling seed `seed`:
-    independent of the device, of the torchrun rank that samples the batch and of the initial noise's stream."""
-    digest = hashlib.sha256(f"lmm-restart:{seed}:{batch}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
-
-
-@torch.no_grad()
-def sample(model: torch.nn.Module | Teacher, n: int, *, seed: int, batch_size: int = 500, nfe: int | None = None,
-           grid: list[float] | None = None, mode: str | None = None, solver: str = "euler", steps: int | None = None,
-           schedule: str = "edm", bf16: bool = False, device: str | torch.device = "cpu",
-           progress: bool = False, label: int | None = None) -> dict[str, Any]:
-    """Draw n samples. Teachers: `solver` with `steps` intervals on its `schedule`; students: the line sampler on `grid`
-    (default grid for `nfe`) in `mode` (default: the model's own `sampler`, lmm.models.build_model; restart draws
-    batch i's fresh noise from `restart_generator(seed, i)`); conditional models get balanced labels, or all
-    `label`. Returns {"images": uint8 (N,H,W,C) (float (N, D) for vector data), "labels": (N,) or None,
-    "nfe": int}. Under torchrun each rank samples a contiguous share of the seeded noise batches and every rank
-    returns all n samples, identical to a single process's."""
-    device = torch.device(device)
-    is_teacher = isinstance(model, Teacher)
-    inner = model.model if is_teacher else model
-    shape, ncls = tuple(inner.data_shape), inner.num_classes
-    if not is_teacher:
-        grid = list(grid if grid is not None else default_grid(nfe or 1))
-    mine, world = dist.shard(-(-n // batch_size)), dist.world_size()
-    images, labels, used = [torch.empty(0, *shape)], [torch.empty(0, dtype=torch.long)], 0
-    bar = progress_bar(n, desc="sample", unit="img", enabled=progress, leave=False)
-    for i, (z, y) in enumerate(noise_batches(n, batch_size, shape, ncls, seed, label)):
-        if i not in mine:
-            continue
-        z, y = z.to(device), None if y is None else y.to(device)
-        with _autocast(device, bf16):
-            if is_teacher:
-                sol = sample_teacher(model, z, steps or nfe, solver, y, schedule=schedule)
-            else:
-                sol = sample_lines(model, z, grid, y, mode=mode or getattr(model, "sampler", "line"),
-                                   generator=restart_generator(seed, i))
-        used = sol.nfe
-        images.append(sol.x.float().cpu())
-        bar.update(z.shape[0] * world)
-        if y is not None:
-            labels.append(y.cpu())
-    bar.close()
-    x = dist.all_gather_tensor(torch.cat(images))
-    y = dist.all_gather_tensor(torch.cat(labels)) if ncls else None
-    used = -int(dist.all_reduce_min(torch.tensor([-used])).item())
-    return {"images": to_uint8(x) if x.dim() == 4 else x.numpy(), "labels": None if y is None else y.numpy(),
-            "nfe": used}
-
-
-def save_samples(result: dict[str, Any], path: str | Path, grid_n: int = 64) -> Path:
-    """Write `images` (and `labels`) to an .npz (atomically) and a PNG grid beside it: the first `grid_n` images,
-    or for several classes one row per class (up to 16 classes, 8 samples each)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    arrays = {"images": result["images"]}
-    if result.get("labels") is not None:
-        arrays["labels"] = result["labels"]
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-    if result["images"].ndim == 4:
-        labels = result.get("labels")
-        if labels is not None and len(np.unique(labels)) > 1:
-            per_class = [np.flatnonzero(labels == k)[:8] for k in np.unique(labels)[:16]]
-            width = min(len(i) for i in per_class)
-            save_image_grid(result["images"][np.concatenate([i[:width] for i in per_class])],
-                            path.with_suffix(".png"), nrow=width)
-        else:
-            save_image_grid(result["images"][:grid_n], path.with_suffix(".png"))
-    return path
-
-
-class Timer:
-    """Wall-clock seconds per named stage in `timings` and a JSON file. Seconds add up over invocations, so a
-    stage that was interrupted and resumed (or rerun and found finished) shows the total time spent in it."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.timings: dict[str, float] = json.loads(path.read_text()) if path.is_file() else {}
-
-    @contextlib.contextmanager
-    def stage(self, name: str):
-        start = time.perf_counter()
-        yield
-        self.timings[name] = round(self.timings.get(name, 0.0) + time.perf_counter() - start, 2)
-        if dist.is_main():
-            save_json(self.path, self.timings)

@@ -16,9 +16,9 @@ from lmm.config import defaults
 from lmm.data import ImageData, TensorSource, load_dataset
 from lmm.data.arrays import ChunkedArray
 from lmm.data.cifar10 import CIFAR10_CLASSES
+from lmm.data.from_config import load_data, real_source
 from lmm.data.imagenet64 import npz_memmap
 from lmm.data.images import to_uint8
-from lmm.pipeline import load_data, real_source
 
 CIFAR_PER_BATCH = 7
 

@@ -75,7 +75,7 @@ def test_own_ode_metrics_vanish_for_predictions_constant_along_the_line():
 
 def _own_ode_direct(predict, seed: int, steps: int = 32, batch: int = 256) -> dict[str, float]:
     """The own-ODE metrics recomputed in numpy from their definitions: Euler steps x_(k+1) = x_k + dt (N_k - x_k) /
-    (1 - t_k) on t_k = k / steps from the seeded noises (lmm.pipeline.noise_batches), the output N_(K-1) at t = 1."""
+    (1 - t_k) on t_k = k / steps from the seeded noises (lmm.generate.noise_batches), the output N_(K-1) at t = 1."""
     z = torch.randn((batch, 2), generator=torch.Generator().manual_seed(seed))
     x, dt, states, preds = z, 1.0 / steps, [z.double().numpy()], []
     with torch.no_grad():

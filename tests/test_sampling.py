@@ -125,20 +125,20 @@ def test_restart_sampling_of_a_model_is_seeded_per_noise_batch(monkeypatch):
     """`lmm sample` / `lmm eval` of a restart-mode student: the fresh noise of noise batch i comes from the sampling
     seed and i alone, not from the global RNG, so reruns agree and a torchrun rank's share equals that part of a
     single process's samples."""
-    from lmm import dist, pipeline
+    from lmm import dist, generate
 
     net = TinyNet(seed=5)
     net.data_shape, net.num_classes = (D,), 0
     model = LinesModel(net).eval()
     kw = dict(seed=11, batch_size=4, nfe=3, mode="restart")
     torch.manual_seed(0)
-    one = pipeline.sample(model, 8, **kw)["images"]
+    one = generate.sample(model, 8, **kw)["images"]
     torch.manual_seed(1)
-    assert np.array_equal(one, pipeline.sample(model, 8, **kw)["images"])
-    line = pipeline.sample(model, 8, **{**kw, "mode": "line"})["images"]
+    assert np.array_equal(one, generate.sample(model, 8, **kw)["images"])
+    line = generate.sample(model, 8, **{**kw, "mode": "line"})["images"]
     assert not np.allclose(one, line)
     monkeypatch.setattr(dist, "shard", lambda n: range(1, 2))
-    assert np.array_equal(pipeline.sample(model, 8, **kw)["images"], one[4:])
+    assert np.array_equal(generate.sample(model, 8, **kw)["images"], one[4:])
 
 
 def test_grids():

@@ -173,13 +173,14 @@ def _plots(result: dict[str, Any]) -> dict[str, str]:
 def analyze_singularity(run: str | Path, *, n: int = 512, seed: int = 0, steps: int = 32, batch_size: int = 256,
                         times: list[float] = DEFAULT_TIMES, device: str | torch.device = "cpu") -> dict[str, Any]:
     """Endpoint collapse of RUN/teacher and RUN/student (whichever exist; ValueError if neither) on n seeded noises
-    (lmm.pipeline.noise_batches, seed): at each line time in `times`, lmm.metrics.straightness.endpoint_spread of
+    (lmm.generate.noise_batches, seed): at each line time in `times`, lmm.metrics.straightness.endpoint_spread of
     the predictions (distance to the data mean, spread across samples), absolute and relative to the data's own
     (`data_statistics` of the run's data.*); the teacher along its own ODE (`teacher_along_ode`, `steps`), the
     student along its line (`student_along_line`). Writes RUN/analysis/singularity.json, singularity.svg (against t)
     and singularity_logt.svg (log t); returns the JSON's content, whose "markdown" holds the table."""
+    from lmm.data.from_config import load_data
+    from lmm.generate import noise_batches
     from lmm.models import load_model, model_path
-    from lmm.pipeline import load_data, noise_batches
     from lmm.teachers import Teacher
 
     run = Path(run)

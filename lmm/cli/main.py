@@ -30,7 +30,7 @@ def _config(args: argparse.Namespace) -> dict:
 
 def _stage(cfg: dict, name: str):
     """Time a stage into RUN_DIR/timings.json (the report's time per stage), as `lmm demo` does."""
-    from lmm.pipeline import Timer
+    from lmm.runs import Timer
 
     return Timer(Path(cfg["run"]["dir"]) / "timings.json").stage(name)
 
@@ -43,11 +43,12 @@ def cmd_config(args: argparse.Namespace) -> None:
 def _run_stage(args: argparse.Namespace, stage: str, timing: str, run) -> None:
     """Run one stage on the config of `args`, time it, then record the keys it used in RUN/config.json."""
     from lmm import pipeline
+    from lmm.runs import record_config
 
     cfg = _config(args)
     with _stage(cfg, timing):
         path = run(pipeline, cfg)
-    pipeline.record_config(cfg, stage)
+    record_config(cfg, stage)
     if dist.is_main():
         print(path)
 
@@ -116,17 +117,17 @@ def _sampler(args: argparse.Namespace, meta: dict, singular_end: bool) -> dict:
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
-    from lmm import pipeline
+    from lmm.generate import sample, save_samples
     from lmm.models import load_model
 
     device = dist.init_distributed(args.device, deterministic=args.deterministic).device
     model, meta = load_model(args.model, device)
     how = _sampler(args, meta, getattr(model, "singular_end", False))
     bf16 = dist.resolve_bf16(True if args.bf16 == "on" else False if args.bf16 == "off" else "auto", device)
-    result = pipeline.sample(model, args.n, seed=args.seed, batch_size=args.batch_size, bf16=bf16, device=device,
-                             progress=dist.is_main(), label=args.label, **how)
+    result = sample(model, args.n, seed=args.seed, batch_size=args.batch_size, bf16=bf16, device=device,
+                    progress=dist.is_main(), label=args.label, **how)
     if dist.is_main():
-        path = pipeline.save_samples(result, args.out)
+        path = save_samples(result, args.out)
         print(f"{path}: {args.n} samples, NFE {result['nfe']}")
 
 

@@ -1,0 +1,112 @@
+"""Sampling a teacher or student on seeded noise, identically in one process or under torchrun, and saving
+the samples (an .npz and a PNG grid)."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from lmm import dist
+from lmm.data.images import save_image_grid, to_uint8
+from lmm.io import atomic_path
+from lmm.progress import progress_bar
+from lmm.sampling import default_grid, sample_lines
+from lmm.teachers import Teacher
+from lmm.teachers.base import sample_teacher
+
+
+def bf16_autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
+    """torch.autocast to bfloat16 on `device`'s type, switched on (or, enabled=False, off) inside the block."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def noise_batches(n: int, batch_size: int, shape: tuple[int, ...], ncls: int, seed: int, label: int | None = None
+                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """Seeded noise z (b, *shape) float32 in batches of b = batch_size (the last one smaller), identical for
+    every model sampled with `seed`, and for conditional models labels y (b,) int64: balanced (sample i has
+    class i % ncls), or all `label`; y is None for unconditional ones."""
+    if label is not None and not 0 <= label < ncls:
+        raise ValueError(f"class {label} is not one of the model's {ncls} classes" if ncls else
+                         f"class {label} asked of an unconditional model")
+    gen = torch.Generator().manual_seed(seed)
+    for start in range(0, n, batch_size):
+        b = min(batch_size, n - start)
+        z = torch.randn((b, *shape), generator=gen)
+        y = None if not ncls else torch.full((b,), label) if label is not None else torch.arange(start, start + b) % ncls
+        yield z, y
+
+
+def restart_generator(seed: int, batch: int) -> torch.Generator:
+    """The CPU generator of the restart sampler's fresh noise for noise batch `batch` of sampling seed `seed`:
+    independent of the device, of the torchrun rank that samples the batch and of the initial noise's stream."""
+    digest = hashlib.sha256(f"lmm-restart:{seed}:{batch}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+@torch.no_grad()
+def sample(model: torch.nn.Module | Teacher, n: int, *, seed: int, batch_size: int = 500, nfe: int | None = None,
+           grid: list[float] | None = None, mode: str | None = None, solver: str = "euler", steps: int | None = None,
+           schedule: str = "edm", bf16: bool = False, device: str | torch.device = "cpu",
+           progress: bool = False, label: int | None = None) -> dict[str, Any]:
+    """Draw n samples. Teachers: `solver` with `steps` intervals on its `schedule`; students: the line sampler on `grid`
+    (default grid for `nfe`) in `mode` (default: the model's own `sampler`, lmm.models.build_model; restart draws
+    batch i's fresh noise from `restart_generator(seed, i)`); conditional models get balanced labels, or all
+    `label`. Returns {"images": uint8 (N,H,W,C) (float (N, D) for vector data), "labels": (N,) or None,
+    "nfe": int}. Under torchrun each rank samples a contiguous share of the seeded noise batches and every rank
+    returns all n samples, identical to a single process's."""
+    device = torch.device(device)
+    is_teacher = isinstance(model, Teacher)
+    inner = model.model if is_teacher else model
+    shape, ncls = tuple(inner.data_shape), inner.num_classes
+    if not is_teacher:
+        grid = list(grid if grid is not None else default_grid(nfe or 1))
+    mine, world = dist.shard(-(-n // batch_size)), dist.world_size()
+    images, labels, used = [torch.empty(0, *shape)], [torch.empty(0, dtype=torch.long)], 0
+    bar = progress_bar(n, desc="sample", unit="img", enabled=progress, leave=False)
+    for i, (z, y) in enumerate(noise_batches(n, batch_size, shape, ncls, seed, label)):
+        if i not in mine:
+            continue
+        z, y = z.to(device), None if y is None else y.to(device)
+        with bf16_autocast(device, bf16):
+            if is_teacher:
+                sol = sample_teacher(model, z, steps or nfe, solver, y, schedule=schedule)
+            else:
+                sol = sample_lines(model, z, grid, y, mode=mode or getattr(model, "sampler", "line"),
+                                   generator=restart_generator(seed, i))
+        used = sol.nfe
+        images.append(sol.x.float().cpu())
+        bar.update(z.shape[0] * world)
+        if y is not None:
+            labels.append(y.cpu())
+    bar.close()
+    x = dist.all_gather_tensor(torch.cat(images))
+    y = dist.all_gather_tensor(torch.cat(labels)) if ncls else None
+    used = -int(dist.all_reduce_min(torch.tensor([-used])).item())
+    return {"images": to_uint8(x) if x.dim() == 4 else x.numpy(), "labels": None if y is None else y.numpy(),
+            "nfe": used}
+
+
+def save_samples(result: dict[str, Any], path: str | Path, grid_n: int = 64) -> Path:
+    """Write `images` (and `labels`) to an .npz (atomically) and a PNG grid beside it: the first `grid_n` images,
+    or for several classes one row per class (up to 16 classes, 8 samples each)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {"images": result["images"]}
+    if result.get("labels") is not None:
+        arrays["labels"] = result["labels"]
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    if result["images"].ndim == 4:
+        labels = result.get("labels")
+        if labels is not None and len(np.unique(labels)) > 1:
+            per_class = [np.flatnonzero(labels == k)[:8] for k in np.unique(labels)[:16]]
+            width = min(len(i) for i in per_class)
+            save_image_grid(result["images"][np.concatenate([i[:width] for i in per_class])],
+                            path.with_suffix(".png"), nrow=width)
+        else:
+            save_image_grid(result["images"][:grid_n], path.with_suffix(".png"))
+    return path
