@@ -260,12 +260,17 @@ def check_values(cfg: dict) -> None:
         if valid is not None and not all(v in valid for v in (value if isinstance(value, list) else [value])):
             raise ConfigError(f"'{key}' must be {'a list of ' if isinstance(value, list) else ''}one of "
                               f"{', '.join(map(repr, valid))}, got {value!r}")
+    from lmm.losses import check_loss
     from lmm.sampling import check_grid
 
     try:
         check_grid(cfg["student"]["grid"])
     except (ValueError, TypeError) as e:
         raise ConfigError(f"'student.grid': {e}") from None
+    try:
+        check_loss(cfg["student"]["loss"])
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     _check_student_reads(cfg["student"])
     for key in _POSITIVE_LISTS:
         value = values[key]

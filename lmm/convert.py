@@ -146,10 +146,27 @@ class _EDMUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"{self.path}: persistent id {pid!r} (a torch.save file, not an EDM pickle)")
 
 
+def _not_a_pickle(head: bytes) -> str:
+    """What a file whose first bytes are `head` is instead of a pickle of protocol 2 or later (EDM's); "" if it
+    may be one."""
+    if head.startswith(b"PK\x03\x04"):
+        return "a zip archive (what torch.save writes)"
+    if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 1 << 30:
+        return "a safetensors file (lmm reads those with --model / --teacher)"
+    if not head.startswith(b"\x80"):
+        return "not a pickle"
+    return ""
+
+
 def read_edm_pickle(path: str | Path) -> dict[str, Any]:
     """The top-level dict of an EDM pickle, persistent objects as `EDMObject`s, tensors as tensors.
     Raises ValueError naming the file for anything else (unknown globals, truncation, not a dict)."""
     path = Path(path)
+    if path.is_file():
+        with open(path, "rb") as f:
+            not_pickle = _not_a_pickle(f.read(9))
+        if not_pickle:
+            raise ValueError(f"{path}: {not_pickle}, not an EDM network pickle (network-snapshot-*.pkl)")
     try:
         with open(path, "rb") as f:
             data = _EDMUnpickler(f, path).load()

@@ -106,6 +106,9 @@ def model_path(path: str | Path) -> Path:
     path = Path(path)
     if path.is_dir():
         return path if folder_teacher(path) else path / "model.safetensors"
+    if path.suffix not in ("", ".safetensors", ".json"):
+        raise ValueError(f"{path} is not an lmm model: give X.safetensors (with X.json beside it), a run folder "
+                         "holding model.safetensors, or a diffusers model folder")
     return path.with_suffix(".safetensors")
 
 

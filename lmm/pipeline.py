@@ -71,6 +71,9 @@ def teacher_sampler(teacher: Teacher, solver: str, steps: int, bf16: bool, sched
 def generate_pairs(cfg: dict, teacher_path: str | Path | None = None, store: str | Path | None = None) -> Path:
     """Run the teacher's ODE solver on seeded noise and write a sharded pair store."""
     rank, world, _, device = dist.init_distributed(cfg["run"]["device"], cfg["run"]["deterministic"])
+    out = Path(store or run_dir(cfg) / "pairs")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; a pair store is a folder: name a new or existing store folder")
     teacher_path = model_path(teacher_path or run_dir(cfg) / "teacher")
     teacher, tmeta = load_model(teacher_path, device)
     if not isinstance(teacher, Teacher):
@@ -85,7 +88,6 @@ def generate_pairs(cfg: dict, teacher_path: str | Path | None = None, store: str
         "bf16": bf16, "nfe": expected_nfe(t["solver"], t["steps"], teacher.singular_end),
     }
     p = cfg["pairs"]
-    out = Path(store or run_dir(cfg) / "pairs")
     make_pairs(out, teacher_sampler(teacher, t["solver"], t["steps"], bf16, t["schedule"]), n_pairs=p["n"],
                shard_size=p["shard_size"], data_shape=tuple(tmeta["data_shape"]), num_classes=tmeta["num_classes"],
                seed=p["seed"], meta=meta, batch_size=p["batch_size"], rank=rank, world=world, dtype=p["dtype"],
@@ -120,6 +122,12 @@ def train_student(cfg: dict, store: str | Path | None = None, teacher_path: str 
         source = data.source(seed, labels=ncls > 0)
         trained_on = {"data": {"name": data.name, "n": len(data)}}
         tpath = model_path(teacher_path or run / "teacher") if wants_teacher else None
+        if tpath is not None and not tpath.exists():
+            why = "student.init=teacher" if s["init"] == "teacher" and not kind.needs_teacher else \
+                f"student.objective={s['objective']}"
+            raise FileNotFoundError(f"{why} needs a teacher, and there is none at {teacher_path or run / 'teacher'}: "
+                                    f"train one (lmm teacher "
+                                    f"train), pass --teacher FILE{', or set student.init=scratch' if not kind.needs_teacher else ''}")
         if tpath is not None:
             trained_on["teacher_sha256"] = path_sha256(tpath)
     teacher, tmeta = load_model(tpath) if tpath is not None else (None, None)

@@ -120,6 +120,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
     from lmm.generate import sample, save_samples
     from lmm.models import load_model
 
+    if args.out.suffix != ".npz" or args.out.is_dir():
+        raise ValueError(f"--out {args.out}: name an .npz file (the samples; their PNG grid is written beside it)")
     device = dist.init_distributed(args.device, deterministic=args.deterministic).device
     model, meta = load_model(args.model, device)
     how = _sampler(args, meta, getattr(model, "singular_end", False))
@@ -242,8 +244,15 @@ def cmd_analyze_singularity(args: argparse.Namespace) -> None:
     print(args.run_dir / "analysis" / "singularity.json")
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument mistake is one line, naming the command and pointing at its --help; exit code 2."""
+
+    def error(self, message: str) -> None:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="lmm", description="Lines Matching Models: teacher -> pairs -> straight-line student -> few-step samples.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

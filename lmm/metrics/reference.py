@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import zipfile
 from pathlib import Path
+from typing import Any, Iterator
 
 import numpy as np
 from torch import Tensor
@@ -63,9 +66,29 @@ def save_stats(path: str | Path, stats: FeatureStats, meta: dict, *, extractor: 
         np.savez(f, **arrays)
 
 
+@contextlib.contextmanager
+def _stats_file(path: Path) -> Iterator[Any]:
+    """The opened .npz of a stats cache; FileNotFoundError / ValueError naming the file when it is missing, not an
+    .npz, or lacks a field read from it."""
+    if not path.is_file():
+        raise FileNotFoundError(f"reference statistics file not found: {path}")
+    what = "a reference statistics file (an .npz that lmm eval --ref-cache writes)"
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path}: not {what}")
+    try:
+        z = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise ValueError(f"{path}: unreadable .npz ({err}); expected {what}") from None
+    with z:
+        try:
+            yield z
+        except KeyError as err:
+            raise ValueError(f"{path}: no field {err}; expected {what}") from None
+
+
 def read_meta(path: str | Path) -> dict:
     """The ``meta`` dict stored in a stats cache, plus its identity fields."""
-    with np.load(path, allow_pickle=False) as z:
+    with _stats_file(Path(path)) as z:
         out = json.loads(str(z["meta"]))
         out.update({k: str(z[k]) for k in ("extractor", "spec", "network_hash", "impl", "data_hash")})
         out["n"] = int(z["n"])
@@ -76,7 +99,7 @@ def load_stats(path: str | Path, extractor: FeatureExtractor, data_hash: str | N
     """Load a cache, refusing (ValueError naming file and field) one of another format version or made by another
     extractor, network file, preprocessing, implementation (extractor.impl) or (when ``data_hash`` is given) data."""
     path = Path(path)
-    with np.load(path, allow_pickle=False) as z:
+    with _stats_file(path) as z:
         if "format" not in z or int(z["format"]) != FORMAT_VERSION:
             raise ValueError(f"{path}: field 'format' is missing or not {FORMAT_VERSION}; "
                              "recompute the reference stats")
