@@ -9,6 +9,7 @@ override (`student.loss.perceptual=0.5`); their keys are checked by `lmm.nets.bu
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from typing import Any
 
@@ -272,6 +273,7 @@ def check_values(cfg: dict) -> None:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     _check_student_reads(cfg["student"])
+    _check_teacher_reads(cfg["teacher"])
     for key in _POSITIVE_LISTS:
         value = values[key]
         if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value):
@@ -280,8 +282,6 @@ def check_values(cfg: dict) -> None:
 
 def _check_student_reads(scfg: dict) -> None:
     """Refuse settings the chosen student objective would silently ignore (see unread_student_keys)."""
-    import json
-
     from lmm.objectives import unread_student_keys
 
     base = defaults()["student"]
@@ -291,6 +291,21 @@ def _check_student_reads(scfg: dict) -> None:
         back = " ".join(f"'student.{k}={_toml(base[k])}'" for k in unread)
         raise ConfigError(f"student.objective={scfg['objective']} does not read {given}; remove them, or set them "
                           f"back to their defaults ({back})")
+
+
+def _check_teacher_reads(tcfg: dict) -> None:
+    """Refuse `teacher` settings that the chosen teacher kind would silently ignore (Teacher.reads)."""
+    from lmm.teachers import TEACHERS
+    from lmm.teachers.base import TEACHER_KEYS_ALWAYS_READ
+
+    cls = TEACHERS.get(tcfg["kind"])
+    base = defaults()["teacher"]
+    unread = [k for k in tcfg if k not in (*TEACHER_KEYS_ALWAYS_READ, *cls.reads) and tcfg[k] != base[k]]
+    if unread:
+        given = ", ".join(f"teacher.{k}={json.dumps(tcfg[k])}" for k in unread)
+        back = " ".join(f"'teacher.{k}={_toml(base[k])}'" for k in unread)
+        raise ConfigError(f"teacher.kind={tcfg['kind']} does not read {given}; remove them, or set them back to "
+                          f"their defaults ({back})")
 
 
 def _toml(value: Any) -> str:

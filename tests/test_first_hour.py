@@ -77,10 +77,11 @@ def test_mistakes_with_files(work, capsys):
     ("student.grid=[0.5,0.2]", "'student.grid'"),
     ("student.loss={l2=1.0,perceptul=0.1}", "perceptul"),
     ("teacher.kind=ddpm", "'teacher.kind' must be one of"),
+    ("teacher.kind=flow teacher.sigma_max=10", "teacher.kind=flow does not read teacher.sigma_max=10.0"),
 ])
 def test_settings_are_checked_before_any_work(setting, named, work, capsys):
     for command in (["config"], ["teacher", "train"], ["demo"]):
-        _one_line_exit_2([*command, f"run.dir={work / 'run'}", *TINY, setting], work, capsys, named)
+        _one_line_exit_2([*command, f"run.dir={work / 'run'}", *TINY, *setting.split()], work, capsys, named)
 
 
 def test_argument_mistakes_are_one_line(work, capsys):

@@ -11,6 +11,7 @@ from lmm.nets.precond import batch_times
 from lmm.solvers import DPM_METHODS, Solution, dpm_solver, solve
 
 SCHEDULES = ("edm", "trimmed")
+TEACHER_KEYS_ALWAYS_READ = ("kind", "solver", "steps", "schedule", "net", "train")
 
 
 class Teacher(nn.Module):
@@ -27,6 +28,8 @@ class Teacher(nn.Module):
     objective: str
     line_precond: str
     ode_keys: ClassVar[tuple[str, ...]] = ()
+    # the keys of config section `teacher` its ODE and training objective read, besides TEACHER_KEYS_ALWAYS_READ
+    reads: ClassVar[tuple[str, ...]] = ()
     singular_end: bool = False
     # False for kinds that lmm loads from another tool's folders (owns_folder / load_folder) and never trains
     trainable: ClassVar[bool] = True

@@ -24,6 +24,7 @@ class EDMTeacher(Teacher):
     objective = "edm"
     line_precond = "edm"
     ode_keys = ("sigma_min", "sigma_max", "rho")
+    reads = (*ode_keys, "sigma_data", "P_mean", "P_std", "denoiser")
     singular_end = True
 
     @classmethod
