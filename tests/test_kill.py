@@ -365,7 +365,10 @@ def test_ctrl_c_says_how_to_resume_and_the_rerun_finishes(made, tmp_path):
     steps = 200
     cmd = _cmd("train", f"run.dir={run}", *TEACHER, *STUDENT, f"student.train.steps={steps}", "--pairs",
                str(made["pairs"]))
-    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # SIGINT's default disposition, as in a terminal: a shell without job control starts background jobs (a CI
+    # script's, say) with SIGINT ignored, and Python then never raises KeyboardInterrupt
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         t0 = time.monotonic()
         while not _ckpt_steps(student):
