@@ -272,40 +272,32 @@ def check_values(cfg: dict) -> None:
         check_loss(cfg["student"]["loss"])
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    _check_student_reads(cfg["student"])
-    _check_teacher_reads(cfg["teacher"])
+    _check_reads(cfg)
     for key in _POSITIVE_LISTS:
         value = values[key]
         if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value):
             raise ConfigError(f"'{key}' must be a list of positive integers, got {value!r}")
 
 
-def _check_student_reads(scfg: dict) -> None:
-    """Refuse settings the chosen student objective would silently ignore (see unread_student_keys)."""
+def _check_reads(cfg: dict) -> None:
+    """Refuse settings that the chosen student objective (Objective.reads, see unread_student_keys) or teacher kind
+    (Teacher.reads) would silently ignore, unless they have their defaults."""
     from lmm.objectives import unread_student_keys
-
-    base = defaults()["student"]
-    unread = unread_student_keys(scfg, base)
-    if unread:
-        given = ", ".join(f"student.{k}={json.dumps(scfg[k])}" for k in unread)
-        back = " ".join(f"'student.{k}={_toml(base[k])}'" for k in unread)
-        raise ConfigError(f"student.objective={scfg['objective']} does not read {given}; remove them, or set them "
-                          f"back to their defaults ({back})")
-
-
-def _check_teacher_reads(tcfg: dict) -> None:
-    """Refuse `teacher` settings that the chosen teacher kind would silently ignore (Teacher.reads)."""
     from lmm.teachers import TEACHERS
     from lmm.teachers.base import TEACHER_KEYS_ALWAYS_READ
 
-    cls = TEACHERS.get(tcfg["kind"])
-    base = defaults()["teacher"]
-    unread = [k for k in tcfg if k not in (*TEACHER_KEYS_ALWAYS_READ, *cls.reads) and tcfg[k] != base[k]]
-    if unread:
-        given = ", ".join(f"teacher.{k}={json.dumps(tcfg[k])}" for k in unread)
-        back = " ".join(f"'teacher.{k}={_toml(base[k])}'" for k in unread)
-        raise ConfigError(f"teacher.kind={tcfg['kind']} does not read {given}; remove them, or set them back to "
-                          f"their defaults ({back})")
+    base = defaults()
+    tcfg, read = cfg["teacher"], (*TEACHER_KEYS_ALWAYS_READ, *TEACHERS.get(cfg["teacher"]["kind"]).reads)
+    for section, chooser, unread in (
+            ("student", f"student.objective={cfg['student']['objective']}",
+             unread_student_keys(cfg["student"], base["student"])),
+            ("teacher", f"teacher.kind={tcfg['kind']}",
+             [k for k in tcfg if k not in read and tcfg[k] != base["teacher"][k]])):
+        if unread:
+            given = ", ".join(f"{section}.{k}={json.dumps(cfg[section][k])}" for k in unread)
+            back = " ".join(f"'{section}.{k}={_toml(base[section][k])}'" for k in unread)
+            raise ConfigError(f"{chooser} does not read {given}; remove them, or set them back to their defaults "
+                              f"({back})")
 
 
 def _toml(value: Any) -> str:
