@@ -297,6 +297,8 @@ def _phase_step(p: Phase, step_module: nn.Module, opt: torch.optim.Optimizer, ba
 
 
 def _append_log(path: Path, record: dict[str, Any]) -> None:
+    """Append a JSON line to `path`, making its folder on the first record (so a run stopped before it leaves none)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
         f.flush()
@@ -395,8 +397,6 @@ def train(model: nn.Module, objective: TrainObjective, source: BatchSource, sett
     samples_per_step = batch_size * world
     generators = _global_generators(dev)
     log_path = run_dir / "log.jsonl"
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
 
     pbar = progress_bar(steps, initial=start, enabled=settings.progress and main, desc=f"train {run_dir.name}",
                         dynamic_ncols=True)

@@ -416,3 +416,14 @@ def test_model_file_roundtrip_tied_and_errors(tmp_path: Path) -> None:
     path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{broken")
     with pytest.raises(CorruptFileError, match=str(path)):
         load_model_file(path)
+
+
+def test_a_run_stopped_before_its_first_record_leaves_no_folder(tmp_path: Path) -> None:
+    """Ctrl-C (or any stop) before the first log record or checkpoint: no empty run folder is left behind."""
+    def interrupted(model, batch, step):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(TinyNet(), as_objective(interrupted), RegressionSource(), TrainSettings(**_SETTINGS),
+              run_dir=tmp_path / "student", meta={})
+    assert not (tmp_path / "student").exists()
