@@ -280,22 +280,26 @@ def check_values(cfg: dict) -> None:
 
 
 def _check_reads(cfg: dict) -> None:
-    """Refuse settings that the chosen student objective (Objective.reads, see unread_student_keys) or teacher kind
-    (Teacher.reads) would silently ignore, unless they have their defaults."""
-    from lmm.objectives import unread_student_keys
+    """Refuse settings that the chosen student objective (Objective.reads) or teacher kind (Teacher.reads) would
+    silently ignore, unless they have their defaults. Loss-term option tables (`student.perceptual`, ...)
+    configure a term only when it is in `student.loss` and are not counted."""
+    from lmm.losses import LOSSES
+    from lmm.objectives import STUDENT_OBJECTIVES
+    from lmm.objectives.base import STUDENT_KEYS_ALWAYS_READ
     from lmm.teachers import TEACHERS
     from lmm.teachers.base import TEACHER_KEYS_ALWAYS_READ
 
     base = defaults()
-    tcfg, read = cfg["teacher"], (*TEACHER_KEYS_ALWAYS_READ, *TEACHERS.get(cfg["teacher"]["kind"]).reads)
-    for section, chooser, unread in (
-            ("student", f"student.objective={cfg['student']['objective']}",
-             unread_student_keys(cfg["student"], base["student"])),
-            ("teacher", f"teacher.kind={tcfg['kind']}",
-             [k for k in tcfg if k not in read and tcfg[k] != base["teacher"][k]])):
+    s, t = cfg["student"], cfg["teacher"]
+    chosen = {"student": (f"student.objective={s['objective']}",
+                          {*STUDENT_KEYS_ALWAYS_READ, *STUDENT_OBJECTIVES.get(s["objective"]).reads, *LOSSES}),
+              "teacher": (f"teacher.kind={t['kind']}", {*TEACHER_KEYS_ALWAYS_READ, *TEACHERS.get(t["kind"]).reads})}
+    for section, (chooser, read) in chosen.items():
+        values, default = cfg[section], base[section]
+        unread = [k for k in values if k not in read and k in default and values[k] != default[k]]
         if unread:
-            given = ", ".join(f"{section}.{k}={json.dumps(cfg[section][k])}" for k in unread)
-            back = " ".join(f"'{section}.{k}={_toml(base[section][k])}'" for k in unread)
+            given = ", ".join(f"{section}.{k}={json.dumps(values[k])}" for k in unread)
+            back = " ".join(f"'{section}.{k}={_toml(default[k])}'" for k in unread)
             raise ConfigError(f"{chooser} does not read {given}; remove them, or set them back to their defaults "
                               f"({back})")
 

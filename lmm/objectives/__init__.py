@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import inspect
 
-from lmm.losses import LOSSES
-from lmm.objectives.base import STUDENT_KEYS_ALWAYS_READ, Objective
+from lmm.objectives.base import Objective
 from lmm.objectives.consistency import Consistency
 from lmm.objectives.edm import EDMLoss
 from lmm.objectives.flow_matching import FlowMatching
@@ -30,17 +29,6 @@ def register_student_objective(name: str, cls: type[Objective]) -> type[Objectiv
     return STUDENT_OBJECTIVES.register(name, cls)
 
 
-def unread_student_keys(scfg: dict, defaults: dict) -> list[str]:
-    """Keys of config section `student` that its objective does not read (Objective.reads) yet are set to other
-    values than their `defaults`; loss-term option tables (`student.perceptual`, ...) configure a term only
-    when it is in `student.loss` and are not counted."""
-    if scfg.get("objective") not in STUDENT_OBJECTIVES:
-        return []
-    cls = STUDENT_OBJECTIVES.get(scfg["objective"])
-    read = {*STUDENT_KEYS_ALWAYS_READ, *cls.reads, *LOSSES}
-    return [k for k in scfg if k not in read and k in defaults and scfg[k] != defaults[k]]
-
-
 def get_objective(name: str, **kwargs) -> Objective:
     """Objective `name` (a key of OBJECTIVES) built with kwargs; unknown name or key -> ValueError."""
     cls = OBJECTIVES.get(name)
@@ -52,4 +40,4 @@ def get_objective(name: str, **kwargs) -> Objective:
 
 
 __all__ = ["Consistency", "EDMLoss", "FlowMatching", "Lines", "OBJECTIVES", "OTCFM", "Objective", "Reflow",
-           "STUDENT_OBJECTIVES", "get_objective", "register_student_objective", "unread_student_keys"]
+           "STUDENT_OBJECTIVES", "get_objective", "register_student_objective"]
