@@ -26,6 +26,7 @@ _TRAIN = {
     "grad_clip": 1.0,
     "ckpt_every": 300,
     "log_every": 50,
+    "extend": False,
 }
 _UNET = {
     "kind": "unet",

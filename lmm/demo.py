@@ -13,6 +13,7 @@ def run_demo(cfg: dict) -> Path:
     """Train teacher, make pairs, train student, evaluate teacher and student at several NFE, report."""
     run = run_dir(cfg)
     dist.init_distributed(cfg["run"]["device"], deterministic=cfg["run"]["deterministic"])
+    pipeline.check_stages(cfg)
     timer = Timer(run / "timings.json")
     with timer.stage("train teacher"):
         teacher = pipeline.train_teacher(cfg)

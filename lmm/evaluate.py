@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from lmm import dist
+from lmm.data.arrays import ImageData
 from lmm.data.from_config import load_data
 from lmm.generate import noise_batches, sample, save_samples
 from lmm.io import file_sha256, path_sha256, save_json
@@ -26,10 +27,12 @@ from lmm.metrics import (
     knn_radii,
     load_stats,
     precision_recall,
+    read_meta,
     save_stats,
     straightness,
     subset_indices,
 )
+from lmm.metrics.reference import is_edm_stats, load_edm_stats
 from lmm.models import load_model, model_path
 from lmm.runs import run_dir, use_bf16
 from lmm.sampling import grid_for, sample_lines
@@ -61,17 +64,29 @@ def _eval_split(cfg: dict) -> str:
     return cfg["eval"]["split"] or cfg["data"]["split"]
 
 
+def eval_data(cfg: dict) -> ImageData:
+    """The dataset of cfg["data"] in split eval.split (data.split when empty)."""
+    return load_data({**cfg, "data": {**cfg["data"], "split": _eval_split(cfg)}})
+
+
+def _lmm_source(name: str, split: str, n: int) -> str:
+    return f"lmm statistics of data {name} split {split}, n {n}"
+
+
 @dataclass
 class Reference:
     """What samples are scored against: the dataset's features (kept, for precision/recall), the extractor
     (None for 2-D points, which are their own features), the metric key of the distance, a name, the seed of
-    the random subsets that equalise real and generated counts for precision/recall (eval.seed) and, per
-    subset size, the real subset's indices and k-NN radii (computed on first use)."""
+    the random subsets that equalise real and generated counts for precision/recall (eval.seed), where the
+    statistics came from (`provenance`, metrics.json's "reference": "source" in words, "sha256" of the statistics
+    file or None, "data_sha256" (lmm.metrics.hash_images of the dataset images) or None, "n" the count or None)
+    and, per subset size, the real subset's indices and k-NN radii (computed on first use)."""
     stats: FeatureStats
     extractor: Any
     key: str
     name: str
     seed: int
+    provenance: dict[str, Any]
     pr_subsets: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
 
     @property
@@ -95,15 +110,17 @@ class Reference:
         return self.pr_subsets[m]
 
 
-def reference(cfg: dict, device: torch.device, cache: Path | None = None) -> Reference:
-    """Reference of the dataset named by cfg["data"], split eval.split (data.split when empty), on eval.features.
-    Image statistics are read from `cache` when it holds them for the same extractor, implementation, network
-    file and data (else refused), else computed (shared across torchrun ranks) and cached."""
+def reference(cfg: dict, device: torch.device, cache: Path | None = None, data: ImageData | None = None) -> Reference:
+    """Reference of `data` (default: `eval_data`, the dataset named by cfg["data"] in split eval.split) on
+    eval.features. Image statistics are read from `cache` when it holds them for the same extractor,
+    implementation, network file and data (else refused), else computed (shared across torchrun ranks) and cached."""
     split = _eval_split(cfg)
-    data = load_data({**cfg, "data": {**cfg["data"], "split": split}})
+    data = eval_data(cfg) if data is None else data
     name, seed = data.name, cfg["eval"]["seed"]
     if len(data.data_shape) == 1:
-        return Reference(_stats(None, data.x.numpy()), None, "fd_points", name, seed)
+        stats = _stats(None, data.x.numpy())
+        provenance = {"source": _lmm_source(name, split, stats.n), "sha256": None, "data_sha256": None, "n": stats.n}
+        return Reference(stats, None, "fd_points", name, seed, provenance)
     features = cfg["eval"]["features"]
     extractor = get_extractor(features, device, progress=cfg["run"]["progress"] and dist.is_main())
     images = data.uint8_nhwc()
@@ -114,17 +131,37 @@ def reference(cfg: dict, device: torch.device, cache: Path | None = None) -> Ref
         stats = _stats(extractor, images)
         if cache is not None and dist.is_main():
             save_stats(cache, stats, {"data": cfg["data"], "split": split}, extractor=extractor, data_hash=data_hash)
-    return Reference(stats, extractor, DISTANCE_KEYS[features], name, seed)
+    provenance = {"source": _lmm_source(name, split, stats.n),
+                  "sha256": file_sha256(cache) if cache is not None and cache.is_file() else None,
+                  "data_sha256": data_hash, "n": stats.n}
+    return Reference(stats, extractor, DISTANCE_KEYS[features], name, seed, provenance)
 
 
 def reference_file(path: Path, features: str, device: torch.device, *, seed: int, progress: bool = True) -> Reference:
-    """Reference from a statistics file alone (written by lmm.metrics.save_stats: `lmm eval --ref-cache`,
-    RUN/reference-*.npz), without reading the dataset; refused if made by another extractor, implementation or
-    network file. `seed` draws the precision/recall subsets (see `Reference`)."""
+    """Reference from a statistics file alone, without reading the dataset: one written by
+    lmm.metrics.save_stats (`lmm eval --ref-cache`, RUN/reference-*.npz), refused if made by another extractor,
+    implementation or network file; or one of EDM's fid.py `ref` (mu, sigma of Inception-v3 pool3 features, no
+    count), accepted with `features` "inception" only. `seed` draws the precision/recall subsets (see `Reference`)."""
     if not path.is_file():
         raise FileNotFoundError(f"--ref {path}: no such statistics file")
+    edm = is_edm_stats(path)
+    if edm and features != "inception":
+        raise ValueError(f"--ref {path}: an EDM reference file (mu, sigma of Inception-v3 pool3 features) needs "
+                         f"eval.features=inception, not {features!r}")
     extractor = get_extractor(features, device, progress=progress)
-    return Reference(load_stats(path, extractor), extractor, DISTANCE_KEYS[features], str(path), seed)
+    provenance = {"sha256": file_sha256(path)}
+    if edm:
+        stats = load_edm_stats(path, extractor.dim)
+        provenance.update(source=f"file {path} (EDM layout: mu, sigma; count not recorded)", data_sha256=None)
+    else:
+        stats = load_stats(path, extractor)
+        meta = read_meta(path)
+        made = (_lmm_source(meta["data"]["name"], meta["split"], stats.n)
+                if isinstance(meta.get("data"), dict) and "name" in meta["data"] and "split" in meta
+                else f"lmm statistics, n {stats.n}")
+        provenance.update(source=f"file {path} ({made})", data_sha256=meta["data_hash"])
+    provenance["n"] = stats.n
+    return Reference(stats, extractor, DISTANCE_KEYS[features], str(path), seed, provenance)
 
 
 def score(ref: Reference, samples: np.ndarray) -> dict[str, Any]:
@@ -231,8 +268,8 @@ def _student_grid(meta: dict) -> list[float]:
 
 def _description(ref: Reference) -> str:
     """How the metrics of a row are measured (the counts aside)."""
-    return (f"{ref.key}: Frechet distance on {ref.features_name} features against {ref.stats.n} items of "
-            f"{ref.name}; precision/recall (Kynkaanniemi et al.) with k={PR_K} on the same features, on equal "
+    return (f"{ref.key}: Frechet distance on {ref.features_name} features against {ref.provenance['source']}; "
+            f"precision/recall (Kynkaanniemi et al.) with k={PR_K} on the same features, on equal "
             f"numbers of real and generated samples (the larger set cut to a random subset, seed {ref.seed}; counts "
             f"in each row's precision_recall); straightness, endpoint_drift and endpoint_to_final: properties of "
             f"each model, not of the row's sampler, measured on {OWN_ODE_STEPS} Euler steps (grid k/{OWN_ODE_STEPS}) "
@@ -264,8 +301,10 @@ def _settings(cfg: dict, ref: Reference, device: torch.device) -> dict[str, Any]
     """The evaluation settings the rows of sampled models depend on (besides the model files); precision_recall
     gives the counts for eval.n samples (None when the reference kept no features)."""
     e = cfg["eval"]
-    m = min(ref.stats.n, e["n"])
-    pr = None if ref.stats.features is None else {"features": ref.features_name, "k": PR_K, "n_real": m, "n_fake": m}
+    pr = None
+    if ref.stats.features is not None:
+        m = min(ref.stats.n, e["n"])
+        pr = {"features": ref.features_name, "k": PR_K, "n_real": m, "n_fake": m}
     return {"features": ref.features_name, "feature_impl": ref.impl, "reference": ref.name,
             "reference_n": ref.stats.n, "n": e["n"], "seed": e["seed"], "bf16": use_bf16(cfg, device),
             "precision_recall": pr, "own_ode": {"solver": "euler", "steps": OWN_ODE_STEPS, "batch": STRAIGHTNESS_BATCH}}
@@ -276,7 +315,8 @@ def evaluate_run(cfg: dict, teacher_path: str | Path | None = None, student_path
     pairs, `pair_sampler`) and the student
     (eval.student_nfe; the grid in its model file for its own NFE, lmm.sampling.default_grid otherwise) from the
     same seeded noise; write samples, grids and RUN_DIR/metrics.json. Each model's `own_ode_metrics` are
-    computed once and stored in each of its rows.
+    computed once and stored in each of its rows, with the sha256 of its model file ("model_sha256"); the
+    reference's provenance is metrics.json's "reference" (see `Reference`).
 
     metrics.json is rewritten after every row, and a rerun with the same models and eval settings keeps the
     rows already there, so an interrupted evaluation resumes. Reference statistics are cached in
@@ -301,6 +341,7 @@ def evaluate_run(cfg: dict, teacher_path: str | Path | None = None, student_path
     metrics = {
         "distance_key": ref.key,
         "features": ref.features_name,
+        "reference": ref.provenance,
         "description": f"{e['n']} samples per row, noise seed {e['seed']}. {_description(ref)}",
         "teacher": str(teacher_path), "student": str(student_path), "settings": settings, "results": [],
     }
@@ -308,7 +349,8 @@ def evaluate_run(cfg: dict, teacher_path: str | Path | None = None, student_path
     old = json.loads(path.read_text()) if path.is_file() else {}
     done = {r["key"]: r for r in old.get("results", []) if "key" in r} if old.get("settings") == settings else {}
     keys = [_row_key(role, how) for role, _, how in runs]
-    rows = {k: done[k] for k in keys if k in done}
+    model_sha = {"teacher": settings["teacher_sha256"], "student": settings["student_sha256"]}
+    rows = {k: {**done[k], "model_sha256": model_sha[role]} for k, (role, _, _) in zip(keys, runs) if k in done}
     own_ode: dict[str, dict[str, float]] = {}
     # the pair sampler's row and the student's first (the comparison that matters), then the teacher's sweep
     first = [i for i, (role, _, how) in enumerate(runs) if role == "student" or how == own]
@@ -320,7 +362,7 @@ def evaluate_run(cfg: dict, teacher_path: str | Path | None = None, student_path
             own_ode[role] = own_ode_metrics(model, seed=e["seed"], device=device)
         row, out = evaluate_sampler(cfg, ref, role, model, how, device, own_ode[role])
         slug = "".join(c if c.isalnum() or c in "+-." else "_" for c in row["label"].lower())
-        row["grid"], row["key"] = None, key
+        row["grid"], row["key"], row["model_sha256"] = None, key, model_sha[role]
         if dist.is_main():
             save_samples(out, run / "samples" / f"{slug}.npz")
             row["grid"] = f"samples/{slug}.png" if out["images"].ndim == 4 else None
@@ -359,30 +401,46 @@ def load_samples(path: str | Path) -> np.ndarray:
     return images
 
 
+def _check_sample_shape(path: Path, images: np.ndarray, data: ImageData) -> None:
+    """Refuse (ValueError naming the file and both shapes) samples (N, H, W, C) or (N, D) whose items differ in
+    shape from those of `data` (C, H, W) or (D,)."""
+    want = data.data_shape if len(data.data_shape) == 1 else tuple(data.data_shape[i] for i in (1, 2, 0))
+    if tuple(images.shape[1:]) != want:
+        what = "(D,)" if len(want) == 1 else "(H, W, C)"
+        raise ValueError(f"{path}: samples have shape {tuple(images.shape[1:])} but data {data.name} has {want} "
+                         f"{what}; pass the preset the samples were made with (-c ...) or set data.name")
+
+
 def evaluate_inputs(cfg: dict, *, samples: list[Path] = (), model: Path | None = None, nfes: list[int] = (),
                     cache: Path | None = None, ref_file: Path | None = None) -> dict:
     """`lmm eval`: score sample files (.npz with `images`) and/or a model sampled at each NFE in `nfes`
     (see `sweep`; a student's own grid from its model file) against the dataset of cfg["data"] (split eval.split;
-    statistics cached in `cache`) or, given `ref_file`, against that statistics file alone; with eval.features,
-    eval.n samples and eval.seed. Returns the rows with the settings and a description, as in metrics.json."""
+    statistics cached in `cache`; sample files must match its item shape) or, given `ref_file`, against that
+    statistics file alone (see `reference_file`); with eval.features, eval.n samples and eval.seed. Returns the
+    rows (a model's carry its "model_sha256", lmm.io.path_sha256 of its file) with the settings, a description
+    and the reference's provenance ("reference", see `Reference`), as in metrics.json."""
     e = cfg["eval"]
     device = dist.init_distributed(cfg["run"]["device"], deterministic=cfg["run"]["deterministic"]).device
     if ref_file is not None and cache is not None:
         raise ValueError("lmm eval: give --ref (a statistics file alone) or --ref-cache (dataset + cache), not both")
     progress = cfg["run"]["progress"] and dist.is_main()
     sample_sets = [(path, load_samples(path)) for path in samples]
+    data = eval_data(cfg) if ref_file is None else None
+    if data is not None:
+        for path, images in sample_sets:
+            _check_sample_shape(path, images, data)
     net, meta = load_model(model, device) if model is not None else (None, None)
-    ref = reference(cfg, device, cache) if ref_file is None else reference_file(ref_file, e["features"], device,
-                                                                               seed=e["seed"], progress=progress)
+    ref = reference(cfg, device, cache, data) if ref_file is None else reference_file(
+        ref_file, e["features"], device, seed=e["seed"], progress=progress)
     settings = _settings(cfg, ref, device)
     rows = []
     for path, images in sample_sets:
         rows.append({"label": str(path), "model": "file", **score(ref, images)})
     if model is not None:
-        model = Path(model)
-        settings["model_sha256"] = path_sha256(model_path(model))
+        model_sha = path_sha256(model_path(Path(model)))
+        settings["model_sha256"] = model_sha
         own_ode = own_ode_metrics(net, seed=e["seed"], device=device)
-        rows += [evaluate_sampler(cfg, ref, meta["role"], net, how, device, own_ode)[0]
+        rows += [{**evaluate_sampler(cfg, ref, meta["role"], net, how, device, own_ode)[0], "model_sha256": model_sha}
                  for how in sweep(net, list(nfes), _student_grid(meta), e["teacher_solvers"])]
-    return {"distance_key": ref.key, "features": ref.features_name, "reference": f"{ref.stats.n} {ref.name}",
+    return {"distance_key": ref.key, "features": ref.features_name, "reference": ref.provenance,
             "description": _description(ref), "settings": settings, "results": rows}

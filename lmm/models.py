@@ -23,7 +23,7 @@ from lmm.train import RESUME_IGNORE_KEY
 # where things are, and the settings of the other stages.
 _RESUME_FREE = ["config.run.dir", "config.run.device", "config.run.deterministic", "config.run.progress", "config.eval",
                 "config.data.root"]
-_RESUME_FREE_TRAIN = ["steps", "ckpt_every", "log_every"]
+_RESUME_FREE_TRAIN = ["steps", "ckpt_every", "log_every", "extend"]
 _OTHER_STAGES = {"teacher": ["config.pairs", "config.student", "config.teacher.solver", "config.teacher.steps",
                              "config.teacher.schedule", "teacher.solver", "teacher.steps", "teacher.schedule"],
                  "student": ["config.teacher", "config.pairs", "pairs.path"]}
@@ -115,9 +115,13 @@ def model_path(path: str | Path) -> Path:
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module | Teacher, dict]:
     """Rebuild the model saved at `path` (`X.safetensors`, its `X.json` beside it, or a run folder), or load a
     folder in a teacher kind's own format as that teacher (lmm.teachers.folder_teacher: a diffusers model folder,
-    extra `lmm[diffusers]`).
+    extra `lmm[diffusers]`), its weights on `device` ("cpu", "cuda", "cuda:N" or a torch.device).
 
-    Returns (Teacher, meta) for a teacher file and (LinesModel, meta) for a student file, in eval mode.
+    Returns (Teacher, meta) for a teacher file and (LinesModel, meta) for a student file, in eval mode without
+    gradients; meta is the file's model.json (its "config", "data_shape", "num_classes", ...). A student is called
+    model(x_t (B, *data_shape) float, t (B,) float in [0, 1], y (B,) int64 labels or None) -> x1_hat
+    (B, *data_shape), and has attributes data_shape (e.g. (C, H, W)), num_classes (0: unconditional) and sampler
+    (its few-step mode, "line" or "restart"); lmm.generate.sample draws images from either kind.
     """
     path = model_path(path)
     if path.is_dir():

@@ -25,7 +25,7 @@ from lmm.models import (
     student_objective_class,
     teacher_objective,
 )
-from lmm.pairs import PairSource, make_pairs
+from lmm.pairs import MANIFEST, PairSource, make_pairs
 from lmm.runs import run_dir, use_bf16
 from lmm.solvers import expected_nfe
 from lmm.teachers import Teacher
@@ -39,8 +39,9 @@ def _train_settings(cfg: dict, section: dict, device: torch.device) -> TrainSett
                                      device=device, progress=cfg["run"]["progress"])
 
 
-def train_teacher(cfg: dict) -> Path:
-    """Train the teacher on the dataset; returns the path of its `model.safetensors`."""
+def train_teacher(cfg: dict, check_only: bool = False) -> Path:
+    """Train the teacher on the dataset; returns the path of its `model.safetensors`. check_only: refuse
+    (ValueError) what training would refuse, write nothing."""
     _, _, _, device = dist.init_distributed(cfg["run"]["device"], cfg["run"]["deterministic"])
     data = load_data(cfg)
     ncls = num_classes(cfg, data)
@@ -49,7 +50,8 @@ def train_teacher(cfg: dict) -> Path:
     out = run_dir(cfg) / "teacher"
     settings = _train_settings(cfg, cfg["teacher"], device)
     meta = model_meta("teacher", objective, cfg["teacher"]["net"], data.data_shape, ncls, cfg, settings.bf16)
-    train(model, objective, data.source(cfg["run"]["seed"], labels=ncls > 0), settings, run_dir=out, meta=meta)
+    train(model, objective, data.source(cfg["run"]["seed"], labels=ncls > 0), settings, run_dir=out, meta=meta,
+          check_only=check_only)
     dist.barrier()
     return out / "model.safetensors"
 
@@ -68,8 +70,10 @@ def teacher_sampler(teacher: Teacher, solver: str, steps: int, bf16: bool, sched
     return generate
 
 
-def generate_pairs(cfg: dict, teacher_path: str | Path | None = None, store: str | Path | None = None) -> Path:
-    """Run the teacher's ODE solver on seeded noise and write a sharded pair store."""
+def generate_pairs(cfg: dict, teacher_path: str | Path | None = None, store: str | Path | None = None,
+                   check_only: bool = False) -> Path:
+    """Run the teacher's ODE solver on seeded noise and write a sharded pair store. check_only: refuse
+    (ValueError) what generation would refuse, write nothing."""
     rank, world, _, device = dist.init_distributed(cfg["run"]["device"], cfg["run"]["deterministic"])
     out = Path(store or run_dir(cfg) / "pairs")
     if out.exists() and not out.is_dir():
@@ -91,16 +95,18 @@ def generate_pairs(cfg: dict, teacher_path: str | Path | None = None, store: str
     make_pairs(out, teacher_sampler(teacher, t["solver"], t["steps"], bf16, t["schedule"]), n_pairs=p["n"],
                shard_size=p["shard_size"], data_shape=tuple(tmeta["data_shape"]), num_classes=tmeta["num_classes"],
                seed=p["seed"], meta=meta, batch_size=p["batch_size"], rank=rank, world=world, dtype=p["dtype"],
-               progress=cfg["run"]["progress"], device=device, repair=p["repair"])
+               progress=cfg["run"]["progress"], device=device, repair=p["repair"], check_only=check_only)
     dist.barrier()
     return out
 
 
-def train_student(cfg: dict, store: str | Path | None = None, teacher_path: str | Path | None = None) -> Path:
+def train_student(cfg: dict, store: str | Path | None = None, teacher_path: str | Path | None = None,
+                  check_only: bool = False) -> Path:
     """Train the student of `student.objective`: "lines" (LMM) and "reflow" on a pair store (`store`, default
     RUN/pairs), "ot_cfm" and "consistency" on the dataset (data.*); the teacher (student.init = teacher, and
     consistency distillation's) is the pair store's, found by its sha256, or `teacher_path` / RUN/teacher.
-    Returns the path of the student's `model.safetensors`."""
+    Returns the path of the student's `model.safetensors`. check_only: refuse (ValueError) what training would
+    refuse, write nothing."""
     _, _, _, device = dist.init_distributed(cfg["run"]["device"], cfg["run"]["deterministic"])
     s, run, seed = cfg["student"], run_dir(cfg), cfg["run"]["seed"]
     if s["init"] not in ("teacher", "scratch"):
@@ -110,7 +116,8 @@ def train_student(cfg: dict, store: str | Path | None = None, teacher_path: str 
     if kind.source == "pairs":
         store = Path(store or run / "pairs")
         source: Any = PairSource(store, seed=seed, window=s["window"], verify=False)
-        dist.once_per_node(source.store.verify)
+        if not check_only:
+            dist.once_per_node(source.store.verify)
         manifest = source.store.manifest
         shape, ncls = tuple(manifest["data_shape"]), manifest["num_classes"]
         trained_on = {"pairs": {"path": str(store), "teacher_sha256": manifest["teacher"]["sha256"],
@@ -146,9 +153,22 @@ def train_student(cfg: dict, store: str | Path | None = None, teacher_path: str 
     meta = model_meta("student", objective, s["net"], shape, ncls, cfg, settings.bf16)
     meta.update(trained_on)
     out = run / "student"
-    train(model, objective, source, settings, run_dir=out, meta=meta, resume_defaults=resume_defaults(objective))
+    train(model, objective, source, settings, run_dir=out, meta=meta, resume_defaults=resume_defaults(objective),
+          check_only=check_only)
     dist.barrier()
     return out / "model.safetensors"
+
+
+def check_stages(cfg: dict) -> None:
+    """Run the checks of each stage that has begun in RUN (teacher, pairs, student) against `cfg`, writing nothing:
+    a config that a later stage would refuse is refused before an earlier one records anything."""
+    run = run_dir(cfg)
+    if (run / "teacher" / "checkpoints").is_dir():
+        train_teacher(cfg, check_only=True)
+    if (run / "pairs" / MANIFEST).is_file() and (run / "teacher" / "model.safetensors").is_file():
+        generate_pairs(cfg, check_only=True)
+    if (run / "student" / "checkpoints").is_dir():
+        train_student(cfg, check_only=True)
 
 
 def store_teacher(manifest: dict, teacher_path: str | Path | None, run: Path) -> Path:

@@ -42,11 +42,12 @@ def sample_lines(
     return_trajectory: bool = False,
     generator: torch.Generator | None = None,
 ) -> Solution:
-    """Sample from an endpoint predictor model(x_t, t (B,), y) -> x1_hat, starting at z (B, ...); NFE = len(grid).
+    """Sample from an endpoint predictor model(x_t, t (B,), y) -> x1_hat, starting at noise z (B, ...), with y
+    (B,) int64 labels or None; grid: the K times 0 = t_0 < ... < t_{K-1} < 1 (`check_grid`), NFE = K.
 
     line: x_{k+1} = x_k + (t_{k+1} - t_k) (x1_hat - x_k) / (1 - t_k). restart: x_{k+1} = (1 - t_{k+1}) z' + t_{k+1} x1_hat
     with fresh z' ~ N(0, I) drawn from `generator` on its own device, then moved to z's (the global RNG of z's
-    device if None). The output is the last x1_hat.
+    device if None). Returns a Solution: x = the last x1_hat (B, ...), nfe = K.
     With return_trajectory: trajectory = states at t_0..t_{K-1} then the output (time 1); endpoints = the K
     predictions. The model runs in eval mode (its previous mode is restored).
     """

@@ -18,6 +18,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -42,6 +44,7 @@ from lmm.checkpoint import (
 )
 from lmm.dist import all_reduce_mean, all_reduce_min, barrier, broadcast_int, init_distributed
 from lmm.progress import progress_bar
+from lmm.runlog import RunLog
 
 RESUME_IGNORE_KEY = "resume_ignore"
 _NO_BAD_STEP = 2**62
@@ -209,7 +212,8 @@ class TrainSettings:
     halflife in samples of the global batch (0: no averaging), at most ema_rampup x samples seen (0: fixed; see
     `ema_beta`); bf16: autocast to bfloat16; seed: the per-step RNG seeds' base (`derive_seed`); a checkpoint
     every `ckpt_every` steps and at the end, the newest `keep` kept; a log record every `log_every` steps and at
-    the end; progress: a progress bar on rank 0; device: "auto", "cpu", "cuda", "cuda:N" or a torch.device
+    the end; extend: train a finished run on to more steps (its finished model is kept beside the new one, see
+    `train`); progress: a progress bar on rank 0; device: "auto", "cpu", "cuda", "cuda:N" or a torch.device
     (under torchrun see lmm.dist.init_distributed).
     """
 
@@ -227,6 +231,7 @@ class TrainSettings:
     optimizer: str = "adamw"
     weight_decay: float = 0.0
     keep: int = 2
+    extend: bool = False
     progress: bool = True
     device: str | torch.device
 
@@ -246,10 +251,10 @@ class TrainSettings:
     def from_config(cls, section_train: dict[str, Any], *, seed: int, bf16: bool, device: str | torch.device,
                     progress: bool = True) -> TrainSettings:
         """The settings of a `teacher.train` / `student.train` config table (steps, batch_size, lr, ema_halflife,
-        ema_rampup, warmup_steps, grad_clip, ckpt_every, log_every; optimizer, weight_decay and keep where the
-        table has them, else their defaults) with the run-wide seed, resolved bf16, device and progress."""
+        ema_rampup, warmup_steps, grad_clip, ckpt_every, log_every; optimizer, weight_decay, keep and extend where
+        the table has them, else their defaults) with the run-wide seed, resolved bf16, device and progress."""
         t = section_train
-        optional = {k: t[k] for k in ("optimizer", "weight_decay", "keep") if k in t}
+        optional = {k: t[k] for k in ("optimizer", "weight_decay", "keep", "extend") if k in t}
         return cls(steps=t["steps"], batch_size=t["batch_size"], lr=t["lr"], ema_halflife=t["ema_halflife"],
                    ema_rampup=t["ema_rampup"], warmup_steps=t["warmup_steps"], grad_clip=t["grad_clip"],
                    ckpt_every=t["ckpt_every"], log_every=t["log_every"], bf16=bf16, seed=seed, device=device,
@@ -296,16 +301,46 @@ def _phase_step(p: Phase, step_module: nn.Module, opt: torch.optim.Optimizer, ba
     return loss.detach()
 
 
-def _append_log(path: Path, record: dict[str, Any]) -> None:
-    """Append a JSON line to `path`, making its folder on the first record (so a run stopped before it leaves none)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
+def _finished_step(run_dir: Path) -> int | None:
+    """The step of run_dir's intact model.safetensors (a finished run), else None."""
+    if not model_file_intact(run_dir / "model"):
+        return None
+    return json.loads((run_dir / "model.json").read_text()).get("step")
+
+
+def _kept_name(step: int) -> str:
+    return f"model-step{step:08d}"
+
+
+def _check_steps(run_dir: Path, start: int, steps: int, extend: bool, role: str | None) -> None:
+    """Refuse `steps` that would discard or silently train on a finished run (ValueError naming the setting)."""
+    key = f"{role}.train" if role else "settings"
+    finished = _finished_step(run_dir)
+    kept = run_dir / f"{_kept_name(steps)}.safetensors"
+    if start > steps:
+        what = f"holds a finished {finished}-step model" if finished == start else f"has a checkpoint at step {start}"
+        also = f" (the {steps}-step model it extended is {kept})" if kept.is_file() else ""
+        raise ValueError(f"{run_dir} {what}, beyond {key}.steps={steps}{also}; set {key}.steps={start} or train "
+                         f"into another folder (run.dir=...)")
+    if finished == start and steps > start and not extend:
+        raise ValueError(f"{run_dir} holds a finished {start}-step model; {key}.steps={steps} would train it on and "
+                         f"replace it. Set {key}.steps={start} to keep it, {key}.extend=true to train on (the "
+                         f"{start}-step model is kept as {_kept_name(start)}.safetensors), or train into another "
+                         f"folder (run.dir=...)")
+
+
+def _keep_finished(run_dir: Path, step: int) -> None:
+    """Copy the finished model.safetensors + model.json to model-stepNNNNNNNN.* (atomic) before training on."""
+    for suffix in (".safetensors", ".json"):
+        dst = run_dir / f"{_kept_name(step)}{suffix}"
+        tmp = dst.with_name(f".tmp-{dst.name}")
+        shutil.copyfile(run_dir / f"model{suffix}", tmp)
+        os.replace(tmp, dst)
 
 
 def train(model: nn.Module, objective: TrainObjective, source: BatchSource, settings: TrainSettings, *,
-          run_dir: str | Path, meta: dict[str, Any], resume_defaults: dict[str, Any] | None = None) -> nn.Module:
+          run_dir: str | Path, meta: dict[str, Any], resume_defaults: dict[str, Any] | None = None,
+          check_only: bool = False) -> nn.Module:
     """Train `model` in place up to settings.steps optimizer steps in total, resuming from run_dir's latest checkpoint.
 
     Each step: batch = source.batch(step, rank, world, B) (B = settings.batch_size per rank), the step's loss is
@@ -315,11 +350,17 @@ def train(model: nn.Module, objective: TrainObjective, source: BatchSource, sett
     was written with, and with `meta` (JSON) equal to its own but for meta["resume_ignore"] prefixes and keys it
     lacks that hold their value in resume_defaults {dotted key: default} (see `meta_differences`).
 
-    Returns the EMA model (the model's dtype, eval mode). Rank 0 also writes run_dir/log.jsonl and
-    run_dir/model.safetensors + model.json (meta plus "step"; left as they are when a finished run is called again,
-    so that files made from the model stay valid, unless missing, damaged or disagreeing with each other: then
+    Returns the EMA model (the model's dtype, eval mode). Rank 0 also writes run_dir/log.jsonl (its records also
+    as TensorBoard scalars where tensorboard is installed, see lmm.runlog) and run_dir/model.safetensors +
+    model.json (meta plus "step"; left as they are when a finished run is called again, so that files made from
+    the model stay valid, unless missing, damaged or disagreeing with each other: then
     rewritten from the final checkpoint). Raises FloatingPointError on a non-finite loss (no checkpoint is
     written for or after that step).
+
+    A finished run (model.safetensors at its latest checkpoint's step) is trained on to more steps only with
+    settings.extend, which first copies its model to model-stepNNNNNNNN.safetensors + .json; fewer steps than
+    a checkpoint's are refused. check_only: run every check against run_dir (ValueError), write nothing, return
+    the model untrained.
     """
     if not isinstance(settings, TrainSettings):
         raise TypeError(f"train: settings must be a TrainSettings, got {type(settings).__name__}")
@@ -367,8 +408,7 @@ def train(model: nn.Module, objective: TrainObjective, source: BatchSource, sett
                              f"batch {state.get('batch_size')} per process, this run has {world} x {batch_size}; "
                              "the data stream, per-process randomness and EMA would differ. Resume with the same "
                              "torchrun --nproc_per_node and batch size, or use another run folder")
-        if start > steps:
-            raise ValueError(f"{ckpt} is at step {start}, beyond steps={steps}; use another run_dir or more steps")
+        _check_steps(run_dir, start, steps, settings.extend, meta.get("role"))
         model.load_state_dict(tensors["model"])
         ema.load_state_dict(tensors["ema"])
         opt.load_state_dict(state["optimizer"])
@@ -376,6 +416,10 @@ def train(model: nn.Module, objective: TrainObjective, source: BatchSource, sett
             p.net.load_state_dict(tensors[f"phase-{p.name}"])
             phase_opts[p.name].load_state_dict(state["phase_optimizers"][p.name])
         objective.load_train_state(tensors.get("objective", {}))
+    if check_only:
+        return model
+    if main and ckpt is not None and start < steps and _finished_step(run_dir) == start:
+        _keep_finished(run_dir, start)
 
     def wrap(step_module: nn.Module) -> nn.Module:
         if world == 1:
@@ -396,7 +440,7 @@ def train(model: nn.Module, objective: TrainObjective, source: BatchSource, sett
 
     samples_per_step = batch_size * world
     generators = _global_generators(dev)
-    log_path = run_dir / "log.jsonl"
+    log = RunLog(run_dir / "log.jsonl", resumed_from=start)
 
     pbar = progress_bar(steps, initial=start, enabled=settings.progress and main, desc=f"train {run_dir.name}",
                         dynamic_ncols=True)
@@ -455,7 +499,8 @@ def train(model: nn.Module, objective: TrainObjective, source: BatchSource, sett
             pbar.close()
             good = latest_checkpoint(run_dir)
             if main:
-                _append_log(log_path, {"step": bad_step, "event": "non-finite loss", "checkpoint": str(good)})
+                log.append({"step": bad_step, "event": "non-finite loss", "checkpoint": str(good)})
+                log.close()
             barrier()
             raise FloatingPointError(f"non-finite loss at step {bad_step}; last good checkpoint: "
                                      f"{good if good is not None else 'none (no checkpoint written yet)'}")
@@ -477,10 +522,11 @@ def train(model: nn.Module, objective: TrainObjective, source: BatchSource, sett
                 record[f"{name}_loss"] = float(all_reduce_mean(torch.stack(vals).mean()).item())
             phase_losses.clear()
             if main:
-                _append_log(log_path, record)
+                log.append(record)
                 pbar.set_postfix(loss=f"{record['loss']:.4g}", samples_s=f"{record['samples_per_s']:.0f}")
             loss_sum, loss_count, norm_sum, norm_count = 0.0, 0, 0.0, 0
         if do_ckpt and main:
+            log.flush()
             tensors = {"model": model.state_dict(), "ema": ema.state_dict(),
                        **{f"phase-{p.name}": p.net.state_dict() for p in phases}}
             objective_state = objective.train_state()
@@ -493,6 +539,7 @@ def train(model: nn.Module, objective: TrainObjective, source: BatchSource, sett
                             meta, keep=settings.keep)
         window_t, window_steps = time.perf_counter(), 0
     pbar.close()
+    log.close()
 
     if main and (start < steps or not model_file_intact(run_dir / "model")):
         if start == steps and (run_dir / "model.safetensors").is_file():

@@ -1,8 +1,10 @@
 """End-to-end runs of the `lmm` command (in-process) on toy and digits data."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from lmm.cli.main import build_parser, main
 
@@ -54,6 +56,23 @@ def test_stages_on_digits(tmp_path, capsys):
     images = np.load(out)["images"]
     assert images.shape == (10, 8, 8, 1) and images.dtype == np.uint8
     assert out.with_suffix(".png").is_file()
+    student = ["sample", "--model", str(run / "student"), "--nfe", "2"]
+    # --format png: one PNG per image, named by index, holding the .npz's pixels
+    assert main([*student, "-n", "10", "--format", "png", "--out", str(tmp_path / "pngs")]) == 0
+    names = sorted(p.name for p in (tmp_path / "pngs").iterdir())
+    assert names == [f"{i:06d}.png" for i in range(10)]
+    for name, image in zip(names, images):
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "pngs" / name))[..., None], image)
+    # --seeds: an image depends on its seed alone, whatever its batch; -c and KEY=VALUE give run.*, flags win
+    preset = Path(__file__).parent.parent / "configs" / "fashion_mnist.toml"
+    assert main(["sample", "-c", str(preset), "run.device=cpu", "run.bf16=false", *student[1:], "--seeds", "3-5",
+                 "--out", str(tmp_path / "s35.npz")]) == 0
+    assert main([*student, "--seeds", "4", "--format", "png", "--out", str(tmp_path / "s4"), "run.bf16=true",
+                 "--bf16", "false", "--device", "cpu"]) == 0
+    three = np.load(tmp_path / "s35.npz")
+    assert three["seeds"].tolist() == [3, 4, 5] and (tmp_path / "s35.png").is_file()
+    assert [p.name for p in (tmp_path / "s4").iterdir()] == ["000004.png"]
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "s4" / "000004.png"))[..., None], three["images"][1])
     assert main(["sample", "--model", str(run / "teacher"), "--solver", "euler", "--steps", "2", "-n", "4",
                  "--out", str(tmp_path / "t.npz")]) == 0
     assert "NFE 2" in capsys.readouterr().out
@@ -64,8 +83,6 @@ def test_stages_on_digits(tmp_path, capsys):
 
 def test_demo_on_moons_student_beats_one_step_teacher(tmp_path):
     run = tmp_path / "moons"
-    from pathlib import Path
-
     preset = Path(__file__).parent.parent / "configs" / "toy_moons.toml"
     assert main(["demo", "-c", str(preset), f"run.dir={run}", *TOY_FAST]) == 0
     metrics = json.loads((run / "metrics.json").read_text())
@@ -136,8 +153,6 @@ def test_eval_reference_cache_is_reused_and_refuses_other_data(tmp_path, capsys)
 def test_student_starts_as_the_teachers_endpoint_predictor(tmp_path, preset, extra):
     """student.init=teacher with the default student.precond=teacher: before training (0 steps) the student is
     N(x_t, t) = the teacher's own endpoint prediction at every line time (EDM: D(x_t / t, (1-t)/t))."""
-    from pathlib import Path
-
     import torch
 
     from lmm.models import load_model

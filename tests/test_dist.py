@@ -54,7 +54,7 @@ SCRIPT = textwrap.dedent('''
         model = Net()
         settings = TrainSettings(steps=steps, batch_size=batch_size, lr=2e-2, ema_halflife=40.0, ema_rampup=0.0,
                                  warmup_steps=2, grad_clip=0.5, bf16=False, seed=3, ckpt_every=3, log_every=1,
-                                 device="cpu", progress=False)
+                                 device="cpu", progress=False, extend=True)
         ema = train(model, as_objective(objective), Source(), settings, run_dir=run_dir, meta={"test": "dist"})
         return model, ema
 

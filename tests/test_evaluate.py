@@ -1,12 +1,18 @@
-"""lmm.evaluate: precision/recall on equal numbers of real and generated samples; each model's own-ODE metrics."""
+"""lmm.evaluate: precision/recall on equal numbers of real and generated samples; each model's own-ODE metrics; which
+reference and which model file each number came from; sample files of the wrong shape."""
+import json
+
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from lmm.evaluate import PR_K, Reference, evaluate_sampler, own_ode_metrics, score
+from lmm.checkpoint import save_model
+from lmm.config import load_config
+from lmm.evaluate import PR_K, Reference, evaluate_inputs, evaluate_run, evaluate_sampler, own_ode_metrics, score
+from lmm.io import file_sha256
 from lmm.metrics import FeatureStats, precision_recall, subset_indices
-from lmm.models import build_model
+from lmm.models import build_model, model_meta, student_objective, teacher_objective
 from lmm.objectives import get_objective
 from lmm.teachers import FlowTeacher
 
@@ -20,7 +26,8 @@ def _points(n: int, seed: int, shift: float = 0.0) -> torch.Tensor:
 def _reference(real: torch.Tensor, seed: int = 7) -> Reference:
     stats = FeatureStats(keep_features=True)
     stats.add(real)
-    return Reference(stats, None, "fd_points", "points", seed)
+    return Reference(stats, None, "fd_points", "points", seed, {"source": "points", "sha256": None, "data_sha256": None,
+                                                                 "n": stats.n})
 
 
 def test_precision_recall_on_a_seeded_real_subset_as_large_as_the_samples():
@@ -114,3 +121,61 @@ def test_rows_at_nfe_1_carry_nonzero_own_ode_metrics_of_teacher_and_student():
         for key, value in direct.items():
             assert row[key] == pytest.approx(value, rel=1e-6), (role, key)
         assert row["precision_recall"] == {"features": "points", "k": PR_K, "n_real": 64, "n_fake": 64}
+
+
+def _toy_cfg(tmp_path, *overrides: str) -> dict:
+    return load_config("configs/toy_moons.toml", [
+        f"run.dir={tmp_path}", "data.n=300", "eval.n=64", "eval.batch_size=64", "eval.teacher_nfe=[1]",
+        'eval.teacher_solvers=["euler"]', "eval.student_nfe=[1]", "teacher.solver=euler", "teacher.steps=1",
+        "teacher.net.width=16", "student.net.width=16", "run.device=cpu", "run.progress=false", "run.bf16=false",
+        *overrides])
+
+
+def _save_models(cfg: dict, folder) -> dict:
+    """Untrained teacher and student of `cfg` (2-D points) saved as folder/ROLE/model.safetensors: {role: path}."""
+    files = {}
+    for role, objective in (("teacher", teacher_objective(cfg["teacher"])),
+                            ("student", student_objective(cfg["student"], cfg["teacher"]))):
+        net = cfg[role]["net"]
+        files[role] = save_model(folder / role / "model", build_model(objective, net, (2,), 0, seed=0).state_dict(),
+                                 model_meta(role, objective, net, (2,), 0, cfg, bf16=False))
+    return files
+
+
+def test_samples_of_another_shape_than_the_data_are_refused_naming_file_and_shapes(tmp_path):
+    samples = tmp_path / "cifar.npz"
+    np.savez(samples, images=np.zeros((4, 32, 32, 3), dtype=np.uint8))
+    cfg = load_config(overrides=["data.n=200", "run.device=cpu", "run.progress=false"])
+    with pytest.raises(ValueError) as err:
+        evaluate_inputs(cfg, samples=[samples])
+    assert str(err.value) == (f"{samples}: samples have shape (32, 32, 3) but data digits has (8, 8, 1) (H, W, C); "
+                              "pass the preset the samples were made with (-c ...) or set data.name")
+    with pytest.raises(ValueError, match=rf"^{samples}: samples have shape \(32, 32, 3\) but data toy-moons has "
+                                         r"\(2,\) \(D,\); pass the preset"):
+        evaluate_inputs(_toy_cfg(tmp_path), samples=[samples])
+
+
+def test_eval_rows_of_a_model_carry_its_files_sha256_and_the_reference_its_source(tmp_path):
+    cfg = _toy_cfg(tmp_path)
+    files = _save_models(cfg, tmp_path)
+    samples = tmp_path / "s.npz"
+    np.savez(samples, images=np.random.default_rng(0).standard_normal((40, 2)).astype(np.float32))
+    out = evaluate_inputs(cfg, samples=[samples], model=tmp_path / "student", nfes=[1])
+    assert [r.get("model_sha256") for r in out["results"]] == [None, file_sha256(files["student"])]
+    assert out["reference"] == {"source": "lmm statistics of data toy-moons split train, n 300", "sha256": None,
+                                "data_sha256": None, "n": 300}
+    assert "against lmm statistics of data toy-moons split train, n 300;" in out["description"]
+
+
+def test_run_metrics_name_the_reference_and_each_rows_model_file(tmp_path):
+    cfg = _toy_cfg(tmp_path)
+    files = _save_models(cfg, tmp_path)
+    metrics = evaluate_run(cfg)
+    assert metrics["reference"]["source"] == "lmm statistics of data toy-moons split train, n 300"
+    assert [(r["model"], r["model_sha256"]) for r in metrics["results"]] == [
+        ("teacher", file_sha256(files["teacher"])), ("student", file_sha256(files["student"]))]
+    old = json.loads((tmp_path / "metrics.json").read_text())
+    for row in old["results"]:
+        del row["model_sha256"]
+    (tmp_path / "metrics.json").write_text(json.dumps(old))
+    assert evaluate_run(cfg)["results"] == metrics["results"]  # kept rows of an older file gain the field

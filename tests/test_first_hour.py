@@ -55,9 +55,16 @@ def _one_line_exit_2(argv: list[str], root: Path, capsys, *named: str) -> str:
 def test_mistakes_with_files(work, capsys):
     run = [f"run.dir={work / 'run'}", *TINY]
     _one_line_exit_2(["pairs", *run, "--out", str(work / "samples.npz")], work, capsys, "samples.npz", "is a file")
+    sample = ["sample", "--model", str(work / "run" / "student"), "--nfe", "1", "--device", "cpu"]
     for out in ("folder", "grid.png"):
-        _one_line_exit_2(["sample", "--model", str(work / "run" / "student"), "--nfe", "1", "-n", "4", "--device",
-                          "cpu", "--out", str(work / out)], work, capsys, out, "name an .npz file")
+        _one_line_exit_2([*sample, "-n", "4", "--out", str(work / out)], work, capsys, out, "name an .npz file",
+                         "a folder with --format png")
+    for out, named in (("s.npz", "name a folder"), ("notes.txt", "is a file"), ("run", "not empty")):
+        _one_line_exit_2([*sample, "--format", "png", "--out", str(work / out)], work, capsys, out, named)
+    _one_line_exit_2([*sample, "--seeds", "0-9", "-n", "10", "--out", str(work / "s.npz")], work, capsys, "--seeds",
+                     "-n/--seed, not both")
+    for setting, named in (("run.device=tpu", "'tpu' is not a device"), ("run.bf16=on", "'run.bf16' expects true")):
+        _one_line_exit_2([*sample[:-2], setting, "--out", str(work / "s.npz")], work, capsys, named)
     for flag, command in (("--model", ["sample", "--nfe", "1", "--out", str(work / "s.npz")]),
                           ("--teacher", ["pairs", *run])):
         _one_line_exit_2([*command, flag, str(work / "notes.txt")], work, capsys, "notes.txt is not an lmm model")
@@ -85,6 +92,32 @@ def test_settings_are_checked_before_any_work(setting, named, work, capsys):
 
 
 def test_argument_mistakes_are_one_line(work, capsys):
-    for argv, named in ((["sample", "--model", "m", "--nfe", "x", "--out", "s.npz"], "lmm sample: error: argument --nfe"),
-                        (["eval", "--bogus"], "unrecognized arguments: --bogus")):
+    sample = ["sample", "--model", "m", "--out", "s.npz"]
+    for argv, named in (([*sample, "--nfe", "x"], "lmm sample: error: argument --nfe"),
+                        (["eval", "--bogus"], "unrecognized arguments: --bogus"),
+                        ([*sample, "--bf16", "on"], "argument --bf16: invalid choice: 'on'"),
+                        ([*sample, "--seeds", "9-5"], "'9-5' runs backwards"),
+                        ([*sample, "--seeds", "0-3,2"], "lists a seed more than once"),
+                        ([*sample, "--seeds", "0:9"], "such as 0-49999 or 0,5,7-9")):
         _one_line_exit_2(argv, work, capsys, named, "--help")
+
+
+def test_analyze_ot_checks_the_pair_store_before_any_work(work, capsys, monkeypatch):
+    from lmm.analysis import ot
+
+    monkeypatch.setattr(ot, "gaussian_pairing_grid", lambda *a, **k: pytest.fail("the Gaussian experiment ran"))
+    store = work / "run" / "pairs"
+    analyze = ["analyze", "ot", "--dims", "1,2", "--pairs", str(store), "--out", str(work / "ot")]
+    _one_line_exit_2([*analyze, "--resolutions", "4,3"], work, capsys, "--resolutions 3", "resolution 8",
+                     str(store))
+    _one_line_exit_2([*analyze, "--batches", "2,512"], work, capsys, "--batches 512", "64 pairs", "--batches 2")
+    _one_line_exit_2([*analyze, "--batches", "512"], work, capsys, "--batches 512", "at most 64")
+
+
+def test_defaults_match_across_commands():
+    from lmm.cli.main import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["analyze", "singularity", "run"]).device == "auto"
+    args = parser.parse_args(["sample", "--model", "m", "--out", "s.npz"])
+    assert (args.device, args.bf16, args.deterministic) == (None, None, None)

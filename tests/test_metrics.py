@@ -81,6 +81,19 @@ def test_feature_stats_match_numpy_streaming_and_merge():
         s.add(np.zeros((2, 3)))
 
 
+def test_feature_stats_without_a_count_keep_their_moments_and_cannot_grow():
+    x = _gauss(300, 8, 1)
+    s = _stats(x)
+    uncounted = FeatureStats.from_moments(s.mu, s.sigma, None)
+    assert uncounted.n is None
+    np.testing.assert_array_equal(uncounted.mu, s.mu)
+    np.testing.assert_array_equal(uncounted.sigma, s.sigma)
+    assert frechet_distance_stats(uncounted, s) == frechet_distance(s.mu, s.sigma, s.mu, s.sigma)
+    for grow in (lambda: uncounted.add(x), lambda: _stats(x).merge(uncounted), lambda: uncounted.merge(_stats(x))):
+        with pytest.raises(ValueError, match=r"without a count .* cannot be extended or merged"):
+            grow()
+
+
 def test_frechet_matches_independent_eigen_computation():
     x = _gauss(600, 24, 1)
     y = _gauss(500, 24, 2, scale=1.3, shift=0.2)

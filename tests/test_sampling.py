@@ -1,4 +1,6 @@
-"""Few-step line sampler."""
+"""Few-step line sampler, and `lmm.generate` drawing and saving samples."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -149,3 +151,80 @@ def test_grids():
             check_grid(bad)
     with pytest.raises(ValueError, match="valid: line, restart"):
         sample_lines(nn.Identity(), torch.zeros(1, D), [0.0], mode="cm")
+
+
+class TinyImageNet(nn.Module):
+    """Raw net F(x, noise_label, class_labels) for (B, 1, 4, 4) images of 3 classes."""
+
+    data_shape, num_classes = (1, 4, 4), 3
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(6)
+        self.lin = nn.Linear(16 + 1 + 3, 16)
+
+    def forward(self, x, noise_label, class_labels=None):
+        h = torch.cat([x.flatten(1), noise_label.reshape(-1, 1) / 1000, nn.functional.one_hot(class_labels, 3)], 1)
+        return torch.tanh(self.lin(h)).view_as(x)
+
+
+@pytest.mark.parametrize("mode", ["line", "restart"])
+def test_seeds_give_each_image_its_own_noise_whatever_the_batch(mode, monkeypatch):
+    """sample(seeds=...): the image of seed s (and its class, s % classes) comes from s alone: the same in any batch,
+    on a torchrun rank's share (restart students: one seed per batch) and sampled alone; with --class every seed
+    keeps its noise."""
+    from lmm import dist, generate
+
+    model = LinesModel(TinyImageNet()).eval()
+    kw = dict(batch_size=3, nfe=2, mode=mode)
+    many = generate.sample(model, seeds=[3, 4, 5, 9, 10], **kw)
+    assert many["seeds"].tolist() == [3, 4, 5, 9, 10] and many["labels"].tolist() == [0, 1, 2, 0, 1]
+    for k, s in enumerate([4, 9]):
+        alone = generate.sample(model, seeds=[s], **{**kw, "batch_size": 1})
+        assert np.array_equal(alone["images"][0], many["images"][[1, 3][k]])
+    other = generate.sample(model, seeds=[9, 4], **{**kw, "batch_size": 2})
+    assert np.array_equal(other["images"], many["images"][[3, 1]])
+    classed = generate.sample(model, seeds=[4, 9], label=2, **kw)
+    assert classed["labels"].tolist() == [2, 2]
+    monkeypatch.setattr(dist, "shard", lambda n: range(1, 2))
+    share = many["images"][3:] if mode == "line" else many["images"][1:2]
+    assert np.array_equal(generate.sample(model, seeds=[3, 4, 5, 9, 10], **kw)["images"], share)
+    z, _ = next(generate.seed_batches([4], 1, (1, 4, 4), 3))
+    assert torch.equal(z, next(generate.noise_batches(1, 1, (1, 4, 4), 3, seed=4))[0])
+    z, y = next(generate.seed_batches([4, 9], 2, (1, 4, 4), 3, label=2))
+    assert torch.equal(z[1], next(generate.seed_batches([9], 1, (1, 4, 4), 3))[0][0]) and y.tolist() == [2, 2]
+
+
+def test_seeds_alone_equal_one_sample_of_that_seed():
+    from lmm import generate
+
+    net = TinyNet(seed=5)
+    net.data_shape, net.num_classes = (D,), 0
+    model = LinesModel(net).eval()
+    for mode in ("line", "restart"):
+        kw = dict(nfe=3, mode=mode)
+        assert np.array_equal(generate.sample(model, seeds=[7], **kw)["images"],
+                              generate.sample(model, 1, seed=7, **kw)["images"])
+    with pytest.raises(ValueError, match="one of n and seeds"):
+        generate.sample(model, 4, seeds=[1])
+
+
+def test_png_folder_holds_the_npz_images_named_by_seed(tmp_path):
+    from PIL import Image
+
+    from lmm import generate
+
+    model = LinesModel(TinyImageNet()).eval()
+    result = generate.sample(model, seeds=[0, 7, 12], nfe=1)
+    generate.save_samples(result, tmp_path / "s.npz")
+    folder = generate.save_png_folder(result, tmp_path / "pngs")
+    names = ["000000.png", "000007.png", "000012.png"]
+    assert sorted(p.name for p in folder.iterdir()) == [*names, "dataset.json"]
+    stored = np.load(tmp_path / "s.npz")
+    assert stored["seeds"].tolist() == [0, 7, 12] and stored["labels"].tolist() == [0, 1, 0]
+    for name, image in zip(names, stored["images"]):
+        assert np.array_equal(np.asarray(Image.open(folder / name))[..., None], image)
+    labels = json.loads((folder / "dataset.json").read_text())
+    assert labels == {"labels": [["000000.png", 0], ["000007.png", 1], ["000012.png", 0]]}
+    plain = generate.save_png_folder({**result, "seeds": None, "labels": None}, tmp_path / "plain")
+    assert sorted(p.name for p in plain.iterdir()) == ["000000.png", "000001.png", "000002.png"]

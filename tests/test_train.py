@@ -105,7 +105,7 @@ def test_resume_equals_uninterrupted_bitwise(tmp_path: Path) -> None:
     full_model, full_ema = run(tmp_path / "full", 20)
     run(tmp_path / "split", 10)
     assert latest_checkpoint(tmp_path / "split").name == "step-00000010"
-    split_model, split_ema = run(tmp_path / "split", 20)
+    split_model, split_ema = run(tmp_path / "split", 20, extend=True)
     for a, b in ((full_model, split_model), (full_ema, split_ema)):
         sa, sb = a.state_dict(), b.state_dict()
         assert sa.keys() == sb.keys()
@@ -125,7 +125,7 @@ def test_resume_rejects_changed_meta_unless_ignored(tmp_path: Path) -> None:
         run(tmp_path, 6, meta={"config": {"lr": 2, "net": {"width": 32}}, "role": "student"})
     assert "resume_ignore" not in str(err.value)
     run(tmp_path, 6, meta={"config": {"lr": 2, "net": {"width": 16}}, "role": "student",
-                           "resume_ignore": ["config.lr"]})
+                           "resume_ignore": ["config.lr"]}, extend=True)
     assert latest_checkpoint(tmp_path).name == "step-00000006"
     assert meta_differences({"a": {"b": 1}}, {"a": {"b": 1}, "c": 2}) == ["c"]
     # a setting added after the checkpoint was written does not differ while it has its default
@@ -337,7 +337,8 @@ def test_phases_and_objective_state_resume_bitwise(tmp_path: Path) -> None:
         torch.manual_seed(0)
         model = TinyNet()
         train(model, objective, RegressionSource(), TrainSettings(**{**_SETTINGS, "steps": steps, "ckpt_every": 6,
-                                                                    "log_every": 3, "progress": False}),
+                                                                    "log_every": 3, "progress": False,
+                                                                    "extend": True}),
               run_dir=run_dir, meta={})
         return model, objective
 

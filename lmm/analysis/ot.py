@@ -188,7 +188,8 @@ def _check_resolutions(shape: tuple[int, ...], resolutions: list[int], where: st
         raise ValueError(f"--resolutions: {where} holds data of shape {shape}, not square images (C, H, H)")
     bad = [r for r in resolutions if r < 1 or shape[1] % r]
     if bad:
-        raise ValueError(f"--resolutions {','.join(map(str, bad))}: must divide the store's resolution {shape[1]}")
+        raise ValueError(f"--resolutions {','.join(map(str, bad))}: must divide the resolution {shape[1]} of {where} "
+                         f"(e.g. {','.join(map(str, default_resolutions(shape)))})")
 
 
 def default_resolutions(shape: tuple[int, ...]) -> list[int]:
@@ -202,6 +203,22 @@ def default_resolutions(shape: tuple[int, ...]) -> list[int]:
             break
         r //= 2
     return out
+
+
+def check_pair_store(store: str | Path, batches: list[int], resolutions: list[int] | None) -> None:
+    """Refuse, before any work, a pair store that `pair_store_coupling` could not read or score at every batch size:
+    an incomplete store, `resolutions` that do not divide its resolution, or batches larger than its pairs."""
+    from lmm.pairs import open_pairs
+
+    pairs = open_pairs(store, verify=False)
+    if resolutions:
+        _check_resolutions(pairs.data_shape, resolutions, str(store))
+    n = len(pairs)
+    big, fit = [b for b in batches if b > n], [b for b in batches if b <= n]
+    if big:
+        raise ValueError(f"--batches {','.join(map(str, big))}: larger than the {n} pairs in {store}; with --pairs "
+                         f"every batch size must be at most {n}" + (f" (e.g. --batches {','.join(map(str, fit))})"
+                                                                      if fit else ""))
 
 
 def pair_store_coupling(store: str | Path, batches: list[int], repeats: int, seed: int,
@@ -374,6 +391,7 @@ def run_ot_analysis(out: str | Path, *, dims: list[int] = DEFAULT_DIMS, batches:
     """The whole OT analysis into folder `out`: ot.json (every number), ot.md (tables), ot_error.svg (error against
     B per d), ot_needed.svg (needed B against d with the exponential fit) and, with a pair store, ot_pairs.svg (own
     fraction and relative error against B) and ot_pairs_independent.svg.
+    Every argument, the pair store included (`check_pair_store`), is checked before any work.
     Returns the JSON's content, whose "markdown" holds ot.md's text."""
     dims, batches = sorted(set(dims)), sorted(set(batches))
     if not dims or dims[0] < 1:
@@ -389,6 +407,8 @@ def run_ot_analysis(out: str | Path, *, dims: list[int] = DEFAULT_DIMS, batches:
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: exists and is not a folder")
+    if pairs is not None:
+        check_pair_store(pairs, batches, resolutions)
     start = time.perf_counter()
     rows = gaussian_pairing_grid(dims, batches, repeats, seed, log)
     per_d = {d: [r["error"] for r in rows if r["d"] == d] for d in dims}

@@ -13,6 +13,7 @@ from lmm.io import save_json
 from lmm.solvers import METHODS
 from lmm.teachers.base import SCHEDULES
 
+BF16 = {"auto": "auto", "true": True, "false": False}
 CONFIG_HELP = """Config: a TOML preset (-c, e.g. configs/fashion_mnist.toml; default: the embedded digits
 preset) and any number of KEY=VALUE overrides (e.g. teacher.train.steps=500 run.dir=runs/x
 student.grid=[0.0,0.6]). `lmm config` prints every key with its value; an unknown key is an error."""
@@ -116,21 +117,63 @@ def _sampler(args: argparse.Namespace, meta: dict, singular_end: bool) -> dict:
     return {"solver": solver, "steps": steps, "schedule": args.schedule or t.get("schedule", "edm")}
 
 
+def _seed_list(text: str) -> list[int]:
+    """--seeds: comma-separated seeds and inclusive ranges A-B (e.g. 0-49999 or 0,5,7-9), each seed once."""
+    seeds: list[int] = []
+    for part in text.split(","):
+        match = re.fullmatch(r"(\d+)(?:-(\d+))?", part.strip())
+        if not match:
+            raise argparse.ArgumentTypeError(f"expected seeds and ranges such as 0-49999 or 0,5,7-9, got {text!r}")
+        low, high = int(match[1]), int(match[2] or match[1])
+        if high < low:
+            raise argparse.ArgumentTypeError(f"range {part.strip()!r} runs backwards; write {high}-{low}")
+        if high >= 2**63:
+            raise argparse.ArgumentTypeError(f"seed {high} is too large; seeds lie in 0..{2**63 - 1}")
+        seeds.extend(range(low, high + 1))
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"{text!r} lists a seed more than once; each seed makes one image")
+    return seeds
+
+
+def _check_sample_out(out: Path, fmt: str) -> None:
+    """Refuse an --out that does not suit --format, before any work."""
+    if fmt == "npz":
+        if out.suffix != ".npz" or out.is_dir():
+            raise ValueError(f"--out {out}: name an .npz file (the samples; their PNG grid is written beside it), "
+                             "or a folder with --format png (one PNG file per image)")
+    elif out.suffix in (".npz", ".png"):
+        raise ValueError(f"--out {out}: --format png writes one PNG file per image into a folder; name a folder, "
+                         "or an .npz file without --format png")
+    elif out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: is a file; --format png writes into a new or empty folder")
+    elif out.is_dir() and any(out.iterdir()):
+        raise ValueError(f"--out {out}: the folder is not empty; --format png writes into a new or empty folder")
+
+
 def cmd_sample(args: argparse.Namespace) -> None:
-    from lmm.generate import sample, save_samples
+    from lmm.generate import sample, save_png_folder, save_samples
     from lmm.models import load_model
 
-    if args.out.suffix != ".npz" or args.out.is_dir():
-        raise ValueError(f"--out {args.out}: name an .npz file (the samples; their PNG grid is written beside it)")
-    device = dist.init_distributed(args.device, deterministic=args.deterministic).device
+    run = _config(args)["run"]
+    if args.seeds is not None and (args.n is not None or args.seed is not None):
+        raise ValueError("--seeds gives each image its own seed; -n and --seed draw N images from one seed: "
+                         "give --seeds or -n/--seed, not both")
+    _check_sample_out(args.out, args.format)
+    deterministic = run["deterministic"] if args.deterministic is None else args.deterministic
+    device = dist.init_distributed(args.device or run["device"], deterministic=deterministic).device
     model, meta = load_model(args.model, device)
+    if args.format == "png" and len(meta["data_shape"]) != 3:
+        raise ValueError(f"--format png: {args.model} samples vectors of shape {tuple(meta['data_shape'])}, not "
+                         "images; write an .npz (--format npz)")
     how = _sampler(args, meta, getattr(model, "singular_end", False))
-    bf16 = dist.resolve_bf16(True if args.bf16 == "on" else False if args.bf16 == "off" else "auto", device)
-    result = sample(model, args.n, seed=args.seed, batch_size=args.batch_size, bf16=bf16, device=device,
-                    progress=dist.is_main(), label=args.label, **how)
+    bf16 = dist.resolve_bf16(run["bf16"] if args.bf16 is None else BF16[args.bf16], device)
+    draw = {"seeds": args.seeds} if args.seeds is not None else {
+        "n": 64 if args.n is None else args.n, "seed": 0 if args.seed is None else args.seed}
+    result = sample(model, **draw, batch_size=args.batch_size, bf16=bf16, device=device,
+                    progress=dist.is_main() and run["progress"], label=args.label, **how)
     if dist.is_main():
-        path = save_samples(result, args.out)
-        print(f"{path}: {args.n} samples, NFE {result['nfe']}")
+        path = (save_png_folder if args.format == "png" else save_samples)(result, args.out)
+        print(f"{path}: {len(result['images'])} samples, NFE {result['nfe']}")
 
 
 _OVERRIDE = re.compile(r"[A-Za-z_]\w*(\.\w+)+=")
@@ -258,7 +301,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     fmt = argparse.RawDescriptionHelpFormatter
 
-    p = sub.add_parser("config", help="print the resolved config (every key)", epilog=CONFIG_HELP, formatter_class=fmt)
+    p = sub.add_parser("config", help="print the resolved config (every key)", epilog=CONFIG_HELP, formatter_class=fmt,
+                       description="Read the preset (-c, else the embedded digits preset) and the KEY=VALUE overrides, "
+                                   "check them as every command does (an unknown key or a wrong value is an error), "
+                                   "and print every key of the resolved config, one KEY = VALUE line each (JSON "
+                                   "values). Writes no file.")
     _add_config_args(p)
     p.set_defaults(func=cmd_config)
 
@@ -291,15 +338,32 @@ def build_parser() -> argparse.ArgumentParser:
                         "or the one recorded in the pair store)")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("sample", help="sample a teacher or a student", formatter_class=fmt,
-                       description="Draw samples into an .npz (images uint8 N x H x W x C, labels when conditional) "
-                                   "and a PNG grid beside it.")
+    p = sub.add_parser("sample", help="sample a teacher or a student", epilog=CONFIG_HELP, formatter_class=fmt,
+                       description="Draw samples of a model file into an .npz (images uint8 N x H x W x C, labels "
+                                   "when conditional, seeds with --seeds) and a PNG grid beside it, or with --format "
+                                   "png into a folder of PNG files, one per image. The config (-c, KEY=VALUE) gives "
+                                   "run.device, run.bf16, run.deterministic and run.progress; flags win.")
+    _add_config_args(p)
     p.add_argument("--model", type=Path, required=True, help="model.safetensors (teacher or student) or its run folder")
-    p.add_argument("--out", type=Path, required=True, help="output .npz path")
-    p.add_argument("-n", type=_positive_int, default=64, help="number of samples (default 64)")
-    p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+    p.add_argument("--out", type=Path, required=True,
+                   help="--format npz: the .npz file (its grid: OUT with .png); --format png: a new or empty folder")
+    p.add_argument("--format", choices=["npz", "png"], default="npz",
+                   help="npz: one .npz file and a PNG grid beside it; png: one PNG file per image in folder OUT, "
+                        "named by its seed (--seeds) or index in 6 digits (000042.png, as NVlabs/edm's generate.py), "
+                        "and for conditional models the labels in OUT/dataset.json, EDM dataset_tool's layout "
+                        "{\"labels\": [[\"000042.png\", 3], ...]}: a folder EDM's fid.py and other image-folder "
+                        "tools read (default npz)")
+    p.add_argument("-n", type=_positive_int, default=None, help="number of samples (default 64); not with --seeds")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed of the one noise stream the N samples are drawn from (default 0); not with --seeds")
+    p.add_argument("--seeds", type=_seed_list, default=None,
+                   help="one image per seed, e.g. 0-49999 or 0,5,7-9: the image of seed s comes from noise drawn with "
+                        "torch.Generator().manual_seed(s) alone, so it is the same in any batch, on any number of "
+                        "processes, and sampled alone (--seeds s); its class is --class, else s %% classes. "
+                        "Restart-mode students sample these one at a time. Not with -n or --seed")
     p.add_argument("--class", dest="label", type=int, default=None,
-                   help="conditional models: sample this class only (default: classes in turn, i %% classes)")
+                   help="conditional models: sample this class only (default: classes in turn, i %% classes for "
+                        "sample i, or s %% classes for seed s with --seeds)")
     p.add_argument("--nfe", type=_positive_int, default=None,
                    help="network calls. Student: its steps (default 1; the grid it was trained on when that has NFE "
                         "times, else the default grid); teacher: the most solver steps that fit in NFE calls")
@@ -315,11 +379,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="teacher time grid: edm (EDM's, last call at sigma_min) or trimmed (that call moved to where "
                         "it changes the sample; better at few steps) (default: the teacher's own)")
     p.add_argument("--batch-size", type=_positive_int, default=500, help="samples per batch (default 500)")
-    p.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
-                   help="bf16 autocast: auto = on for GPUs and CPUs with native bf16 (AVX-512 BF16, AMX) (default auto)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
-    p.add_argument("--deterministic", action="store_true",
-                   help="GPU kernels that repeat bitwise (run.deterministic; default: cuDNN autotunes its fastest)")
+    p.add_argument("--bf16", choices=list(BF16), default=None,
+                   help="bf16 autocast: auto = on for GPUs and CPUs with native bf16 (AVX-512 BF16, AMX) "
+                        "(default: run.bf16, auto)")
+    p.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (default: run.device, auto)")
+    p.add_argument("--deterministic", action="store_true", default=None,
+                   help="GPU kernels that repeat bitwise (default: run.deterministic, false: cuDNN autotunes its "
+                        "fastest)")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("eval", help="score sample files or a model at several NFE against a dataset",
@@ -334,8 +400,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=Path, default=None, help="teacher or student model file or run folder")
     p.add_argument("--nfe", type=_nfe_list, default=[1, 2], help="comma-separated NFE list for --model (default 1,2)")
     p.add_argument("--ref", type=Path, default=None,
-                   help="score against this reference statistics file alone (from --ref-cache or a run's "
-                        "reference-*.npz), without reading the dataset; refused if made by another network")
+                   help="score against this reference statistics file alone, without reading the dataset: "
+                        "lmm's (from --ref-cache or a run's reference-*.npz; refused if made by another network) "
+                        "or NVlabs EDM's (an .npz of mu and sigma alone, e.g. cifar10-32x32.npz; needs "
+                        "eval.features=inception)")
     p.add_argument("--ref-cache", type=Path, default=None,
                    help="reference statistics .npz: reused if made by the same network and data, else refused; "
                         "written if absent")
@@ -363,7 +431,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="required: confirms reading a pickle (with the restricted unpickler; nothing is executed)")
     p.set_defaults(func=cmd_convert_edm)
 
-    p = sub.add_parser("report", help="build RUN_DIR/report.html from a run folder")
+    p = sub.add_parser("report", help="build RUN_DIR/report.html from a run folder", formatter_class=fmt,
+                       description="Read what a run folder holds (metrics.json and its sample grids, analysis/, the "
+                                   "teacher's and student's training logs, timings.json, config.json) and write "
+                                   "RUN_DIR/report.html: one page with the sample grids, metrics against NFE, "
+                                   "analyses, loss curves, time per stage and the config. Trains and samples nothing; "
+                                   "prints the page's path.")
     p.add_argument("run_dir", type=Path, help="run folder (e.g. runs/demo)")
     p.set_defaults(func=cmd_report)
 
@@ -379,7 +452,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "OUT/ot.json, OUT/ot.md and SVG plots.")
     p.add_argument("--dims", default="1,2,4,8,16,32,64", help="comma-separated dimensions d (default 1,2,4,8,16,32,64)")
     p.add_argument("--batches", default=",".join(str(2**k) for k in range(1, 12)),
-                   help="comma-separated batch sizes B >= 2 (default 2,4,...,2048)")
+                   help="comma-separated batch sizes B >= 2; with --pairs, none larger than the store's pair count "
+                        "(default 2,4,...,2048)")
     p.add_argument("--repeats", default="4",
                    help="batches drawn at the largest B; smaller B draw more, so that every cell averages over at "
                         "least REPEATS x max(B) pairs (default 4)")
@@ -410,7 +484,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="uniform Euler steps of the teacher's line-time ODE; the analysis times are added to them "
                         "(default 32)")
     p.add_argument("--batch-size", default="256", help="noises per network call (default 256)")
-    p.add_argument("--device", default="cpu", help="auto | cpu | cuda | cuda:N (default cpu)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto: cuda when a GPU is "
+                                                    "visible, else cpu)")
     p.set_defaults(func=cmd_analyze_singularity)
     return parser
 

@@ -29,15 +29,18 @@ class FeatureStats:
     Uses the pairwise (Chan et al.) update of mean and centred sum of squares, so adding in
     chunks, adding in any order, or merging per-rank statistics gives the same result as one
     pass over all features (up to float64 rounding). With ``keep_features=True`` the float32
-    features are kept too (for precision/recall).
+    features are kept too (for precision/recall). Statistics read from a file that records no count
+    (``from_moments(n=None)``, e.g. EDM's reference files) have ``n`` None: they give ``mu`` and
+    ``sigma`` as stored and cannot be extended or merged.
     """
 
     def __init__(self, dim: int | None = None, keep_features: bool = False) -> None:
         self.dim = dim
         self.keep_features = keep_features
-        self.n = 0
+        self.n: int | None = 0
         self._mean: Tensor | None = None
         self._m2: Tensor | None = None
+        self._sigma: Tensor | None = None
         self._features: list[Tensor] = []
 
     def _init(self, dim: int) -> None:
@@ -48,7 +51,10 @@ class FeatureStats:
             self._mean = torch.zeros(dim, dtype=torch.float64)
             self._m2 = torch.zeros(dim, dim, dtype=torch.float64)
 
-    def _combine(self, n_b: int, mean_b: Tensor, m2_b: Tensor) -> None:
+    def _combine(self, n_b: int | None, mean_b: Tensor, m2_b: Tensor) -> None:
+        if self.n is None or n_b is None:
+            raise ValueError("FeatureStats: statistics without a count (from_moments(n=None)) cannot be extended "
+                             "or merged")
         n_a = self.n
         n = n_a + n_b
         delta = mean_b - self._mean
@@ -85,13 +91,15 @@ class FeatureStats:
     @property
     def mu(self) -> np.ndarray:
         """Mean (D,) float64."""
-        if self.n < 1:
+        if self.n is not None and self.n < 1:
             raise ValueError("FeatureStats.mu: no features were added")
         return self._mean.numpy().copy()
 
     @property
     def sigma(self) -> np.ndarray:
-        """Unbiased covariance (D, D) float64 (divides by n - 1, as numpy.cov)."""
+        """Unbiased covariance (D, D) float64 (divides by n - 1, as numpy.cov); as stored when ``n`` is None."""
+        if self.n is None:
+            return self._sigma.numpy().copy()
         if self.n < 2:
             raise ValueError(f"FeatureStats.sigma: needs at least 2 samples, have {self.n}")
         return (self._m2 / (self.n - 1)).numpy()
@@ -108,17 +116,22 @@ class FeatureStats:
         return self._features[0]
 
     @classmethod
-    def from_moments(cls, mu: ArrayLike, sigma: ArrayLike, n: int, features: ArrayLike | None = None) -> FeatureStats:
-        """Rebuild statistics from a mean (D,), unbiased covariance (D, D) and count."""
+    def from_moments(cls, mu: ArrayLike, sigma: ArrayLike, n: int | None,
+                     features: ArrayLike | None = None) -> FeatureStats:
+        """Rebuild statistics from a mean (D,), unbiased covariance (D, D) and count (None when not recorded: the
+        statistics then keep ``sigma`` as given and cannot be extended or merged)."""
         mu_t = torch.from_numpy(_f64(mu))
         sigma_t = torch.from_numpy(_f64(sigma))
         if sigma_t.shape != (mu_t.shape[0], mu_t.shape[0]):
             raise ValueError(f"FeatureStats.from_moments: sigma shape {tuple(sigma_t.shape)} "
                              f"does not match mu {tuple(mu_t.shape)}")
         s = cls(dim=mu_t.shape[0], keep_features=features is not None)
-        s.n = int(n)
         s._mean = mu_t.clone()
-        s._m2 = sigma_t * max(s.n - 1, 0)
+        if n is None:
+            s.n, s._sigma = None, sigma_t.clone()
+        else:
+            s.n = int(n)
+            s._m2 = sigma_t * max(s.n - 1, 0)
         if features is not None:
             s._features = [torch.as_tensor(features, dtype=torch.float32)]
         return s

@@ -1,4 +1,5 @@
-"""Reference feature statistics: compute, cache to .npz (atomically), and load with provenance checks."""
+"""Reference feature statistics: compute, cache to .npz (atomically), and load with provenance checks; and read
+NVlabs EDM's reference files (fid.py `ref`: an .npz holding only mu and sigma of Inception-v3 pool3 features)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from lmm.metrics.features import FeatureExtractor
 from lmm.metrics.frechet import FeatureStats
 
 FORMAT_VERSION = 2
+EDM_FIELDS = ("mu", "sigma")
 
 
 def hash_images(images: Tensor | np.ndarray) -> str:
@@ -72,7 +74,8 @@ def _stats_file(path: Path) -> Iterator[Any]:
     .npz, or lacks a field read from it."""
     if not path.is_file():
         raise FileNotFoundError(f"reference statistics file not found: {path}")
-    what = "a reference statistics file (an .npz that lmm eval --ref-cache writes)"
+    what = ("a reference statistics file (an .npz that lmm eval --ref-cache writes, or one of EDM's fid.py ref with "
+            "mu and sigma)")
     if not zipfile.is_zipfile(path):
         raise ValueError(f"{path}: not {what}")
     try:
@@ -100,6 +103,9 @@ def load_stats(path: str | Path, extractor: FeatureExtractor, data_hash: str | N
     extractor, network file, preprocessing, implementation (extractor.impl) or (when ``data_hash`` is given) data."""
     path = Path(path)
     with _stats_file(path) as z:
+        if sorted(z.files) == sorted(EDM_FIELDS):
+            raise ValueError(f"{path}: EDM reference statistics (mu, sigma alone) say nothing of the network or data "
+                             "they came from, so they cannot be checked as a cache; pass them to lmm eval --ref")
         if "format" not in z or int(z["format"]) != FORMAT_VERSION:
             raise ValueError(f"{path}: field 'format' is missing or not {FORMAT_VERSION}; "
                              "recompute the reference stats")
@@ -114,3 +120,24 @@ def load_stats(path: str | Path, extractor: FeatureExtractor, data_hash: str | N
                                  "recompute")
         features = z["features"] if "features" in z else None
         return FeatureStats.from_moments(z["mu"], z["sigma"], int(z["n"]), features=features)
+
+
+def is_edm_stats(path: str | Path) -> bool:
+    """Whether ``path`` is an .npz in EDM's reference layout: ``np.savez(f, mu=mu, sigma=sigma)``, nothing else."""
+    with _stats_file(Path(path)) as z:
+        return sorted(z.files) == sorted(EDM_FIELDS)
+
+
+def load_edm_stats(path: str | Path, dim: int) -> FeatureStats:
+    """The mu (dim,) and sigma (dim, dim) of an EDM reference file as statistics without a count (``n`` None);
+    ValueError naming the file when either is not finite floats of that shape."""
+    path = Path(path)
+    with _stats_file(path) as z:
+        arrays = {name: z[name] for name in EDM_FIELDS}
+    for (name, arr), shape in zip(arrays.items(), ((dim,), (dim, dim))):
+        if arr.dtype.kind != "f" or arr.shape != shape:
+            raise ValueError(f"{path}: EDM reference field '{name}' is {arr.dtype} {arr.shape}, but features of "
+                             f"dimension {dim} need float {shape}")
+        if not np.isfinite(arr).all():
+            raise ValueError(f"{path}: EDM reference field '{name}' holds non-finite values")
+    return FeatureStats.from_moments(arrays["mu"], arrays["sigma"], None)

@@ -61,6 +61,7 @@ def make_pairs(
     device: str | torch.device = "cpu",
     verify: bool = True,
     repair: bool = False,
+    check_only: bool = False,
 ) -> PairsReport:
     """Generate this rank's shards (index k with k % world == rank) of a pair store, resuming if present.
 
@@ -69,7 +70,8 @@ def make_pairs(
     dtype before generate(z, y) -> x1 (same shape as z) runs on `device` in batches of batch_size, so each
     stored pair is exactly (stored z, teacher(stored z)). meta (teacher, solver, steps, nfe, grid, ...) is
     recorded; an existing store with a different header raises ValueError naming the field. Shards with a
-    record are checked (verify) and a corrupt one raises unless repair=True, which regenerates it.
+    record are checked (verify) and a corrupt one raises unless repair=True, which regenerates it. check_only:
+    the argument and header checks alone; nothing is written or generated.
     """
     if n_pairs <= 0 or shard_size <= 0 or batch_size <= 0:
         raise ValueError(
@@ -103,7 +105,6 @@ def make_pairs(
         raise ValueError(f"make_pairs meta must be JSON-serialisable: {e}") from e
 
     store = Path(store_dir)
-    store.mkdir(parents=True, exist_ok=True)
     manifest_path = store / MANIFEST
     manifest = None
     if manifest_path.exists():
@@ -117,6 +118,9 @@ def make_pairs(
                 f"pair store {store} was made with {name}={old!r}, but {new!r} was requested; refusing to "
                 f"mix pairs from different settings (use another store directory or delete this one)"
             )
+    if check_only:
+        return PairsReport()
+    store.mkdir(parents=True, exist_ok=True)
     meta_sha = meta_sha256(header)
     n_shards = shard_count(header)
     records = collect_records(store, manifest, meta_sha, n_shards)
