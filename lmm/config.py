@@ -44,6 +44,7 @@ _BASE: dict[str, Any] = {
         "seed": 0,
         "device": "auto",
         "bf16": "auto",
+        "compile": "auto",
         "deterministic": False,
         "progress": True,
     },
@@ -162,7 +163,7 @@ def _rules() -> tuple[dict[str, tuple], dict[str, float]]:
                 bounds[key] = rule["min"]
     return choices, bounds
 REPLACED_WHOLE = {"net", "loss"}
-BOOL_OR_AUTO = {"run.bf16"}
+BOOL_OR_AUTO = {"run.bf16", "run.compile"}
 
 
 class ConfigError(ValueError):

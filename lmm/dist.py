@@ -119,13 +119,23 @@ def native_bf16(device: torch.device) -> bool:
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+def _bool_or_auto(key: str, setting: bool | str, auto: Callable[[], bool]) -> bool:
+    if setting == "auto":
+        return auto()
+    if not isinstance(setting, bool):
+        raise ValueError(f"{key} must be true, false or \"auto\", got {setting!r}")
+    return setting
+
+
 def resolve_bf16(setting: bool | str, device: torch.device) -> bool:
     """run.bf16: true, false, or "auto" (= native_bf16(device))."""
-    if setting == "auto":
-        return native_bf16(device)
-    if not isinstance(setting, bool):
-        raise ValueError(f"run.bf16 must be true, false or \"auto\", got {setting!r}")
-    return setting
+    return _bool_or_auto("run.bf16", setting, lambda: native_bf16(device))
+
+
+def resolve_compile(setting: bool | str, device: torch.device) -> bool:
+    """run.compile: true, false, or "auto" (= on for a CUDA device; off on the CPU, where compiling costs more time
+    than it saves in short runs)."""
+    return _bool_or_auto("run.compile", setting, lambda: device.type == "cuda")
 
 
 def rank() -> int:

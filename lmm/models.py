@@ -22,7 +22,7 @@ from lmm.train import RESUME_IGNORE_KEY
 # Config keys that may change between a run and its resumption: how long and how verbosely to train,
 # where things are, and the settings of the other stages.
 _RESUME_FREE = ["config.run.dir", "config.run.device", "config.run.deterministic", "config.run.progress", "config.eval",
-                "config.data.root"]
+                "config.data.root", "config.run.compile"]
 _RESUME_FREE_TRAIN = ["steps", "ckpt_every", "log_every", "extend"]
 _OTHER_STAGES = {"teacher": ["config.pairs", "config.student", "config.teacher.solver", "config.teacher.steps",
                              "config.teacher.schedule", "teacher.solver", "teacher.steps", "teacher.schedule"],

@@ -12,6 +12,7 @@ from typing import Any, Callable
 import torch
 
 from lmm import dist
+from lmm.compiled import compile_network, pad_rows
 from lmm.data.from_config import load_data, num_classes, real_source
 from lmm.generate import bf16_autocast
 from lmm.io import path_sha256
@@ -26,7 +27,7 @@ from lmm.models import (
     teacher_objective,
 )
 from lmm.pairs import MANIFEST, PairSource, make_pairs
-from lmm.runs import run_dir, use_bf16
+from lmm.runs import run_dir, use_bf16, use_compile
 from lmm.solvers import expected_nfe
 from lmm.teachers import Teacher
 from lmm.teachers.base import sample_teacher
@@ -34,9 +35,10 @@ from lmm.train import TrainSettings, train
 
 
 def _train_settings(cfg: dict, section: dict, device: torch.device) -> TrainSettings:
-    """The TrainSettings of config section `section` (teacher or student) with run.seed, run.bf16, run.progress."""
+    """The TrainSettings of config section `section` (teacher or student) with run.seed, run.bf16, run.compile,
+    run.progress."""
     return TrainSettings.from_config(section["train"], seed=cfg["run"]["seed"], bf16=use_bf16(cfg, device),
-                                     device=device, progress=cfg["run"]["progress"])
+                                     compile=use_compile(cfg, device), device=device, progress=cfg["run"]["progress"])
 
 
 def train_teacher(cfg: dict, check_only: bool = False) -> Path:
@@ -56,16 +58,23 @@ def train_teacher(cfg: dict, check_only: bool = False) -> Path:
     return out / "model.safetensors"
 
 
-def teacher_sampler(teacher: Teacher, solver: str, steps: int, bf16: bool, schedule: str = "edm"
+def teacher_sampler(teacher: Teacher, solver: str, steps: int, bf16: bool, schedule: str = "edm",
+                    compile: bool = False, batch_size: int = 0
                     ) -> Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]:
     """generate(z, y) -> x1 with the teacher's deterministic ODE solver: noise z (B, *data_shape) and labels y (B,)
-    or None, on any device, to float32 endpoints x1 (B, *data_shape) on the teacher's device."""
+    or None, on any device, to float32 endpoints x1 (B, *data_shape) on the teacher's device. compile: the
+    teacher's network runs compiled (lmm.compiled, in place), a batch of fewer than `batch_size` rows padded with
+    zero noise to it and the padding's endpoints dropped."""
     device = next(teacher.parameters()).device
+    if compile:
+        compile_network(teacher.model)
 
     def generate(z: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        b = z.shape[0]
+        n = max(b, batch_size) if compile else b
+        z, y = pad_rows(z.to(device), n), pad_rows(None if y is None else y.to(device), n)
         with torch.no_grad(), bf16_autocast(device, bf16):
-            return sample_teacher(teacher, z.to(device), steps, solver, None if y is None else y.to(device),
-                                  schedule=schedule).x.float()
+            return sample_teacher(teacher, z, steps, solver, y, schedule=schedule).x[:b].float()
 
     return generate
 
@@ -92,7 +101,9 @@ def generate_pairs(cfg: dict, teacher_path: str | Path | None = None, store: str
         "bf16": bf16, "nfe": expected_nfe(t["solver"], t["steps"], teacher.singular_end),
     }
     p = cfg["pairs"]
-    make_pairs(out, teacher_sampler(teacher, t["solver"], t["steps"], bf16, t["schedule"]), n_pairs=p["n"],
+    generate = teacher_sampler(teacher, t["solver"], t["steps"], bf16, t["schedule"],
+                               compile=use_compile(cfg, device) and not check_only, batch_size=p["batch_size"])
+    make_pairs(out, generate, n_pairs=p["n"],
                shard_size=p["shard_size"], data_shape=tuple(tmeta["data_shape"]), num_classes=tmeta["num_classes"],
                seed=p["seed"], meta=meta, batch_size=p["batch_size"], rank=rank, world=world, dtype=p["dtype"],
                progress=cfg["run"]["progress"], device=device, repair=p["repair"], check_only=check_only)

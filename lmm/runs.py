@@ -1,4 +1,4 @@
-"""The run's folder (run.dir) and records, and run.bf16 on this machine.
+"""The run's folder (run.dir) and records, and run.bf16 and run.compile on this machine.
 
 RUN/config.json holds the config keys each finished stage used (record_config); RUN/timings.json the seconds
 spent in each stage (Timer).
@@ -25,6 +25,11 @@ def run_dir(cfg: dict) -> Path:
 def use_bf16(cfg: dict, device: torch.device) -> bool:
     """run.bf16 resolved for `device` ("auto": on where the device computes bf16 natively)."""
     return dist.resolve_bf16(cfg["run"]["bf16"], device)
+
+
+def use_compile(cfg: dict, device: torch.device) -> bool:
+    """run.compile resolved for `device` ("auto": on for CUDA); see lmm.compiled."""
+    return dist.resolve_compile(cfg["run"]["compile"], device)
 
 
 # The config keys each stage's output depends on; record_config updates only these in RUN/config.json.

@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from lmm.compiled import compile_network, pad_rows
+from lmm.dist import resolve_compile
 from lmm.solvers import Solution
 
 MODES = ("line", "restart")
@@ -41,6 +43,8 @@ def sample_lines(
     mode: str = "line",
     return_trajectory: bool = False,
     generator: torch.Generator | None = None,
+    compile: bool | str = "auto",
+    batch_size: int | None = None,
 ) -> Solution:
     """Sample from an endpoint predictor model(x_t, t (B,), y) -> x1_hat, starting at noise z (B, ...), with y
     (B,) int64 labels or None; grid: the K times 0 = t_0 < ... < t_{K-1} < 1 (`check_grid`), NFE = K.
@@ -50,18 +54,27 @@ def sample_lines(
     device if None). Returns a Solution: x = the last x1_hat (B, ...), nfe = K.
     With return_trajectory: trajectory = states at t_0..t_{K-1} then the output (time 1); endpoints = the K
     predictions. The model runs in eval mode (its previous mode is restored).
+    compile (run.compile: true, false, or "auto" = on for a CUDA z): the model's network runs compiled
+    (lmm.compiled.compile_network) at batch_size rows (default: z's), x_t and y padded with zero rows and the
+    padding's predictions dropped, so a sampling run's short last batch needs no graph of its own.
     """
     if mode not in MODES:
         raise ValueError(f"unknown line sampler mode {mode!r}; valid: {', '.join(MODES)}")
     ts = check_grid(grid)
     trajectory = [z] if return_trajectory else None
     endpoints: list[Tensor] | None = [] if return_trajectory else None
+    b = z.shape[0]
+    n = b
+    if resolve_compile(compile, z.device):
+        compile_network(model)
+        n = max(b, batch_size or b)
+    y_n = pad_rows(y, n)
     was_training = model.training
     model.eval()
     try:
         x = z
         for k, t in enumerate(ts):
-            x1_hat = model(x, torch.full((z.shape[0],), t, dtype=torch.float32, device=z.device), y)
+            x1_hat = model(pad_rows(x, n), torch.full((n,), t, dtype=torch.float32, device=z.device), y_n)[:b]
             if endpoints is not None:
                 endpoints.append(x1_hat)
             if k + 1 == len(ts):

@@ -29,7 +29,7 @@ from typing import Any, Callable, Protocol, runtime_checkable
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 
 from lmm.checkpoint import (
     CorruptFileError,
@@ -42,6 +42,8 @@ from lmm.checkpoint import (
     save_model,
     step_dir_name,
 )
+from lmm.compiled import compile_network
+from lmm.data.prefetch import Prefetcher
 from lmm.dist import all_reduce_mean, all_reduce_min, barrier, broadcast_int, init_distributed
 from lmm.progress import progress_bar
 from lmm.runlog import RunLog
@@ -51,6 +53,10 @@ _NO_BAD_STEP = 2**62
 
 
 class BatchSource(Protocol):
+    """batch(step, rank, world, batch_size) -> {key: (batch_size, ...) tensor} in model units; a source may also
+    have raw_batch (the same rows in their stored dtypes, e.g. uint8 images), which the loop reads instead, uploads
+    and converts on the device (lmm.data.prefetch.Prefetcher)."""
+
     def batch(self, step: int, rank: int, world: int, batch_size: int) -> dict[str, torch.Tensor]: ...
 
 
@@ -88,14 +94,20 @@ def warmup_lr(lr: float, step: int, warmup_steps: int) -> float:
     return lr * min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else lr
 
 
-class _EMADecay:
-    """multi_avg_fn for torch.optim.swa_utils.AveragedModel whose decay the loop sets before each update."""
-
-    def __init__(self) -> None:
-        self.beta = 0.0
-
-    def __call__(self, ema_params: list[torch.Tensor], params: list[torch.Tensor], n_averaged: Any) -> None:
-        get_ema_multi_avg_fn(self.beta)(ema_params, params, n_averaged)
+@torch.no_grad()
+def _ema_update(ema: AveragedModel, model: nn.Module, beta: float, first: bool) -> None:
+    """ema's weights <- the model's at the `first` update, else lerp(ema, model, 1 - beta); buffers copied; its
+    n_averaged counter incremented where it lives. As AveragedModel.update_parameters with an EMA multi_avg_fn,
+    bitwise, but without its per-step host syncs (it reads n_averaged back to decide whether to copy)."""
+    averaged = list(ema.module.parameters())
+    current = [p.detach() for p in model.parameters()]
+    if first:
+        torch._foreach_copy_(averaged, current)
+    else:
+        torch._foreach_lerp_(averaged, current, 1 - beta)
+    for b_ema, b in zip(ema.module.buffers(), model.buffers()):
+        b_ema.copy_(b)
+    ema.n_averaged.add_(1)
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -213,8 +225,9 @@ class TrainSettings:
     `ema_beta`); bf16: autocast to bfloat16; seed: the per-step RNG seeds' base (`derive_seed`); a checkpoint
     every `ckpt_every` steps and at the end, the newest `keep` kept; a log record every `log_every` steps and at
     the end; extend: train a finished run on to more steps (its finished model is kept beside the new one, see
-    `train`); progress: a progress bar on rank 0; device: "auto", "cpu", "cuda", "cuda:N" or a torch.device
-    (under torchrun see lmm.dist.init_distributed).
+    `train`); compile: run the model's network, the objective's networks (Objective.networks) and the phases'
+    networks compiled (lmm.compiled, run.compile); progress: a progress bar on rank 0; device: "auto", "cpu",
+    "cuda", "cuda:N" or a torch.device (under torchrun see lmm.dist.init_distributed).
     """
 
     steps: int
@@ -232,6 +245,7 @@ class TrainSettings:
     weight_decay: float = 0.0
     keep: int = 2
     extend: bool = False
+    compile: bool = False
     progress: bool = True
     device: str | torch.device
 
@@ -249,16 +263,17 @@ class TrainSettings:
 
     @classmethod
     def from_config(cls, section_train: dict[str, Any], *, seed: int, bf16: bool, device: str | torch.device,
-                    progress: bool = True) -> TrainSettings:
+                    progress: bool = True, compile: bool = False) -> TrainSettings:
         """The settings of a `teacher.train` / `student.train` config table (steps, batch_size, lr, ema_halflife,
         ema_rampup, warmup_steps, grad_clip, ckpt_every, log_every; optimizer, weight_decay, keep and extend where
-        the table has them, else their defaults) with the run-wide seed, resolved bf16, device and progress."""
+        the table has them, else their defaults) with the run-wide seed, resolved bf16 and compile, device and
+        progress."""
         t = section_train
         optional = {k: t[k] for k in ("optimizer", "weight_decay", "keep", "extend") if k in t}
         return cls(steps=t["steps"], batch_size=t["batch_size"], lr=t["lr"], ema_halflife=t["ema_halflife"],
                    ema_rampup=t["ema_rampup"], warmup_steps=t["warmup_steps"], grad_clip=t["grad_clip"],
                    ckpt_every=t["ckpt_every"], log_every=t["log_every"], bf16=bf16, seed=seed, device=device,
-                   progress=progress, **optional)
+                   progress=progress, compile=compile, **optional)
 
 
 class _Step(nn.Module):
@@ -380,8 +395,7 @@ def train(model: nn.Module, objective: TrainObjective, source: BatchSource, sett
     params = [p for p in model.parameters() if p.requires_grad]
     opt_cls = torch.optim.AdamW if settings.optimizer == "adamw" else torch.optim.Adam
     opt = opt_cls(params, lr=lr, betas=(0.9, 0.999), weight_decay=settings.weight_decay)
-    decay = _EMADecay()
-    ema = AveragedModel(model, multi_avg_fn=decay).requires_grad_(False).eval()
+    ema = AveragedModel(model).requires_grad_(False).eval()
     phases: list[Phase] = list(objective.phases())
     if len({p.name for p in phases}) != len(phases):
         raise ValueError(f"train: phase names must be unique, got {[p.name for p in phases]}")
@@ -437,8 +451,12 @@ def train(model: nn.Module, objective: TrainObjective, source: BatchSource, sett
     phase_steps = {p.name: wrap(_Step(p.net, p.loss, rank, world)) for p in phases}
     for p in phases:
         p.net.requires_grad_(False)
+    if settings.compile:
+        for net in [model, *getattr(objective, "networks", list)(), *(p.net for p in phases)]:
+            compile_network(net)
 
     samples_per_step = batch_size * world
+    loader = Prefetcher(source, rank, world, batch_size, dev)
     generators = _global_generators(dev)
     log = RunLog(run_dir / "log.jsonl", resumed_from=start)
 
@@ -451,12 +469,13 @@ def train(model: nn.Module, objective: TrainObjective, source: BatchSource, sett
     norm_sum, norm_count = 0.0, 0
     t_begin = window_t = time.perf_counter()
     window_steps = 0
+    first_step_s: float | None = None
     model.train()
     for step in range(start, steps):
         step_seed = derive_seed(seed, step, rank)
         for gen in generators:
             gen.manual_seed(step_seed)
-        batch = {k: v.to(dev, non_blocking=True) for k, v in source.batch(step, rank, world, batch_size).items()}
+        batch = loader.batch(step, step + 1 if step + 1 < steps else None)
         lr_now = warmup_lr(lr, step, settings.warmup_steps)
         for group in opt.param_groups:
             group["lr"] = lr_now
@@ -471,8 +490,8 @@ def train(model: nn.Module, objective: TrainObjective, source: BatchSource, sett
         if grad_clip > 0:
             norms.append(nn.utils.clip_grad_norm_(params, grad_clip, foreach=True))
         opt.step()
-        decay.beta = ema_beta(samples_per_step, ema_halflife, ema_rampup, step * samples_per_step)
-        ema.update_parameters(model)
+        _ema_update(ema, model, ema_beta(samples_per_step, ema_halflife, ema_rampup, step * samples_per_step),
+                    first=step == 0)
         losses.append(loss.detach())
         for p in phases:
             if p.due(step):
@@ -481,6 +500,11 @@ def train(model: nn.Module, objective: TrainObjective, source: BatchSource, sett
                                 grads_to_none))
         window_steps += 1
         pbar.update(1)
+        if step == start:
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            window_t, window_steps = time.perf_counter(), 0
+            first_step_s = window_t - t_begin
 
         done = step + 1
         do_log = done % settings.log_every == 0 or done == steps
@@ -513,9 +537,12 @@ def train(model: nn.Module, objective: TrainObjective, source: BatchSource, sett
         norms.clear()
         if do_log:
             now = time.perf_counter()
+            rate_steps, rate_s = (window_steps, now - window_t) if window_steps else (1, first_step_s)
             record = {"step": done, "loss": loss_sum / loss_count, "lr": lr_now,
-                      "samples_per_s": window_steps * samples_per_step / max(now - window_t, 1e-9),
-                      "time": now - t_begin}
+                      "samples_per_s": rate_steps * samples_per_step / max(rate_s, 1e-9), "time": now - t_begin}
+            if first_step_s is not None:
+                record.update(first_step_s=first_step_s, compile=settings.compile)
+                first_step_s = None
             if norm_count:
                 record["grad_norm"] = norm_sum / norm_count
             for name, vals in phase_losses.items():
@@ -540,6 +567,7 @@ def train(model: nn.Module, objective: TrainObjective, source: BatchSource, sett
         window_t, window_steps = time.perf_counter(), 0
     pbar.close()
     log.close()
+    loader.close()
 
     if main and (start < steps or not model_file_intact(run_dir / "model")):
         if start == steps and (run_dir / "model.safetensors").is_file():

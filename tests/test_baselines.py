@@ -193,7 +193,7 @@ def test_consistency_distillation_resumes_bitwise_with_its_target(tmp_path):
           "student.consistency.ema=0.9"]
     assert main(["train", f"run.dir={straight}", *cd, "student.train.steps=6"]) == 0
     assert main(["train", f"run.dir={split}", *cd, "student.train.steps=3"]) == 0
-    assert main(["train", f"run.dir={split}", *cd, "student.train.steps=6"]) == 0
+    assert main(["train", f"run.dir={split}", *cd, "student.train.steps=6", "student.train.extend=true"]) == 0
     a, _ = load_model_file(straight / "student" / "model.safetensors")
     b, _ = load_model_file(split / "student" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

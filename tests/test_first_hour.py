@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -28,6 +29,7 @@ def work(tmp_path_factory) -> Path:
     (root / "random.bin").write_bytes(bytes(range(256)) * 4)
     (root / "samples.npz").write_bytes(b"")
     (root / "folder").mkdir()
+    np.savez(root / "rgb.npz", images=np.zeros((4, 32, 32, 3), np.uint8))
     torch.save({"ema": torch.zeros(1)}, root / "torch-save.pt")
     return root
 
@@ -76,6 +78,10 @@ def test_mistakes_with_files(work, capsys):
                          name, what)
     _one_line_exit_2(["eval", *run, "--ref", str(work / "random.bin"), "--model", str(work / "run" / "student"),
                       "--nfe", "1"], work, capsys, "random.bin", "not a reference statistics file")
+    _one_line_exit_2(["train", *run, f"run.dir={work / 'other'}", "--pairs", str(work / "folder")], work, capsys,
+                     "folder", "`lmm pairs`")
+    _one_line_exit_2(["eval", *run, "--samples", str(work / "rgb.npz")], work, capsys, "rgb.npz", "(32, 32, 3)",
+                     "-c", "data.name")
 
 
 @pytest.mark.parametrize("setting, named", [

@@ -300,8 +300,8 @@ def test_config_json_agrees_with_the_student_after_a_killed_longer_run(made, tmp
     run = tmp_path / "run"
     shutil.copytree(made["student_run"], run)
     _assert_config_agrees(run)
-    longer = _cmd("train", f"run.dir={run}", *TEACHER, *STUDENT, "student.train.steps=60", "--pairs",
-                  str(made["pairs"]))
+    longer = _cmd("train", f"run.dir={run}", *TEACHER, *STUDENT, "student.train.steps=60", "student.train.extend=true",
+                  "--pairs", str(made["pairs"]))
     _run_and_kill(longer, lambda: _latest(run / "student") > STEPS)
     assert json.loads((run / "student" / "model.json").read_text())["step"] == STEPS
     _assert_config_agrees(run)
@@ -335,8 +335,8 @@ def test_rerun_removes_a_half_deleted_old_checkpoint(made, tmp_path):
     old = run / "student" / "checkpoints" / "step-00000035"
     for name in ("meta.json", "model.safetensors"):  # the order rmtree happened to take in a real kill
         (old / name).unlink()
-    assert main(["train", f"run.dir={run}", *TEACHER, *STUDENT, "student.train.steps=45", "--pairs",
-                 str(made["pairs"])]) == 0
+    assert main(["train", f"run.dir={run}", *TEACHER, *STUDENT, "student.train.steps=45", "student.train.extend=true",
+                 "--pairs", str(made["pairs"])]) == 0
     assert [c.name for c in list_checkpoints(run / "student")] == ["step-00000040", "step-00000045"]
     assert _leftovers(run) == []
 
@@ -348,7 +348,8 @@ def test_rerun_repairs_weights_written_without_their_model_json(made, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(made["student_run"], run)
     old_json = (run / "student" / "model.json").read_bytes()
-    longer = ["train", f"run.dir={run}", *TEACHER, *STUDENT, "student.train.steps=45", "--pairs", str(made["pairs"])]
+    longer = ["train", f"run.dir={run}", *TEACHER, *STUDENT, "student.train.steps=45", "student.train.extend=true",
+              "--pairs", str(made["pairs"])]
     assert main(longer) == 0
     (run / "student" / "model.json").write_bytes(old_json)  # the state the kill leaves
     assert main(longer) == 0

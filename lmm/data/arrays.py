@@ -71,14 +71,30 @@ class ChunkedArray:
         return joined if dtype is None else joined.astype(dtype, copy=False)
 
 
+def stored_rows(values: Tensor | np.ndarray | ChunkedArray, idx: Tensor | slice) -> Tensor:
+    """values[idx] (idx: a tensor of indices or a slice) as a tensor of the stored dtype."""
+    if not isinstance(values, Tensor) and isinstance(idx, Tensor):
+        idx = idx.numpy()
+    return values[idx] if isinstance(values, Tensor) else torch.from_numpy(np.asarray(values[idx]))
+
+
+def uint8_to_model(rows: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """uint8 rows as v/127.5 - 1 in `dtype` (on their device); rows of another dtype as they are."""
+    return rows.to(dtype).div_(127.5).sub_(1.0) if rows.dtype == torch.uint8 else rows
+
+
 def model_rows(values: Tensor | np.ndarray | ChunkedArray, idx: Tensor | slice,
                dtype: torch.dtype = torch.float32) -> Tensor:
     """values[idx] (idx: a tensor of indices or a slice) as a tensor; uint8 rows become v/127.5 - 1 in `dtype`,
     other rows keep their dtype."""
-    if not isinstance(values, Tensor) and isinstance(idx, Tensor):
-        idx = idx.numpy()
-    rows = values[idx] if isinstance(values, Tensor) else torch.from_numpy(np.asarray(values[idx]))
-    return rows.to(dtype).div_(127.5).sub_(1.0) if rows.dtype == torch.uint8 else rows
+    return uint8_to_model(stored_rows(values, idx), dtype)
+
+
+def to_model_units(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A batch of stored dtypes (a BatchSource's raw_batch) in model units: uint8 images v/127.5 - 1 and other
+    floating tensors as float32; integer tensors (labels) as they are."""
+    return {k: uint8_to_model(v) if v.dtype == torch.uint8 else v.float() if v.is_floating_point() else v
+            for k, v in batch.items()}
 
 
 @dataclass
@@ -187,7 +203,12 @@ class TensorSource:
             out[m] = self._perm(e)[pos[m] - e * self.n]
         return out
 
+    def raw_batch(self, step: int, rank: int, world: int, batch_size: int) -> dict[str, Tensor]:
+        """`batch` in the stored dtypes (uint8 images as they are; to_model_units converts it), so that a GPU
+        run uploads a quarter of the bytes and converts on the device."""
+        idx = self.indices(step, rank, world, batch_size)
+        return {k: stored_rows(v, idx) for k, v in self.tensors.items()}
+
     def batch(self, step: int, rank: int, world: int, batch_size: int) -> dict[str, Tensor]:
         """Rank's slice of the global batch at step: {key: (batch_size, ...)}."""
-        idx = self.indices(step, rank, world, batch_size)
-        return {k: model_rows(v, idx) for k, v in self.tensors.items()}
+        return to_model_units(self.raw_batch(step, rank, world, batch_size))

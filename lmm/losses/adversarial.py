@@ -142,6 +142,7 @@ class Adversarial(LossTerm):
         self.adaptive = bool(adaptive)
         self.disc: ProjectedDiscriminator | None = None
         self.reals: Any = None
+        self._real_loader: Any = None
         self._fake: dict[str, Any] = {}
 
     def setup(self, data_shape: tuple[int, ...], num_classes: int, reals: Any = None, shared: dict | None = None
@@ -163,6 +164,21 @@ class Adversarial(LossTerm):
         x = diff_augment(x, self.augment) if augment else x
         return disc(self.features(x), y if self.num_classes else None)
 
+    def networks(self) -> list[nn.Module]:
+        return [] if self.disc is None else [self.features, self.disc]
+
+    def _real_batch(self, step: int, rank: int, world: int, batch_size: int, device: torch.device
+                    ) -> dict[str, Tensor]:
+        """The reals {"x", "y" when labelled} of the discriminator phase at `step` on `device`; those of its next
+        step (step + interval) are read meanwhile (lmm.data.prefetch.Prefetcher)."""
+        from lmm.data.prefetch import Prefetcher
+
+        key = (rank, world, batch_size, device)
+        loader = self._real_loader
+        if loader is None or (loader.rank, loader.world, loader.batch_size, loader.device) != key:
+            loader = self._real_loader = Prefetcher(self.reals, *key)
+        return loader.batch(step, step + self.interval)
+
     def forward(self, pred: Tensor, target: Tensor, ctx: dict[str, Any]) -> Tensor:
         if self.disc is None:
             raise RuntimeError("Adversarial.setup() must run before the loss is used")
@@ -172,16 +188,18 @@ class Adversarial(LossTerm):
         return -self.logits(self.disc, pred, ctx.get("y"))
 
     def disc_loss(self, disc: nn.Module, batch: dict[str, Tensor], step: int, rank: int, world: int) -> Tensor:
-        """Hinge loss of the discriminator on this step's reals and the main phase's fakes, (B,) (+ R1)."""
+        """Hinge loss of the discriminator on this step's reals and the main phase's fakes, (B,) (+ R1); reals
+        and fakes go through it as one (2B, C, H, W) batch."""
         fake = self._fake
         if fake.get("step") != step:
             raise RuntimeError(f"the discriminator phase at step {step} has no fakes from that step's main phase")
-        real = self.reals.batch(step, rank, world, fake["x"].shape[0])
-        x_real = real["x"].to(fake["x"].device).requires_grad_(self.r1 > 0)
-        y_real = real.get("y")
-        y_real = None if y_real is None else y_real.to(fake["x"].device)
-        d_real = self.logits(disc, x_real, y_real)
-        loss = F.relu(1 - d_real) + F.relu(1 + self.logits(disc, fake["x"], fake["y"]))
+        b = fake["x"].shape[0]
+        real = self._real_batch(step, rank, world, b, fake["x"].device)
+        x_real = real["x"].requires_grad_(self.r1 > 0)
+        y = torch.cat([real["y"], fake["y"]]) if self.num_classes else None
+        logits = self.logits(disc, torch.cat([x_real, fake["x"]]), y)
+        d_real = logits[:b]
+        loss = F.relu(1 - d_real) + F.relu(1 + logits[b:])
         if self.r1 > 0:
             (grad,) = torch.autograd.grad(d_real.sum(), x_real, create_graph=True)
             loss = loss + 0.5 * self.r1 * grad.square().flatten(1).sum(1)

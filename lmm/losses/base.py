@@ -30,5 +30,9 @@ class LossTerm(nn.Module):
         """Extra optimisation phases (lmm.train.Phase) this term trains, e.g. a discriminator's."""
         return []
 
+    def networks(self) -> list[nn.Module]:
+        """The networks its forward (and its phases) run, which the training loop compiles with run.compile."""
+        return []
+
     def forward(self, pred: Tensor, target: Tensor, ctx: dict[str, Any]) -> Tensor:
         raise NotImplementedError

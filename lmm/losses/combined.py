@@ -32,6 +32,10 @@ class LossSum(nn.Module):
     def phases(self) -> list:
         return [p for term in self.terms.values() for p in term.phases()]
 
+    def networks(self) -> list[nn.Module]:
+        """The terms' networks (LossTerm.networks), each once."""
+        return list({id(n): n for term in self.terms.values() for n in term.networks()}.values())
+
     def forward(self, pred: Tensor, target: Tensor, ctx: dict[str, Any]) -> Tensor:
         """pred, target (B, ...) -> (B,)."""
         parts = {name: self.terms[name](pred, target, ctx) for name in self.weights}

@@ -60,11 +60,15 @@ class Perceptual(LossTerm):
 
             self.features = LPIPS(self.network.removeprefix("lpips_"), resolution=max(64, self.resolution))
 
+    def networks(self) -> list[torch.nn.Module]:
+        return [] if self.features is None else [self.features]
+
     def forward(self, pred: Tensor, target: Tensor, ctx: dict[str, Any]) -> Tensor:
+        """pred, target (B, C, H, W) -> (B,); EfficientNet-Lite0 sees both in one (2B, C, H, W) batch."""
         if self.features is None:
             raise RuntimeError("Perceptual.setup() must run before the loss is used")
         if self.network != "efficientnet":
             return self.features(pred, target)
-        with torch.no_grad():
-            ft = self.features(target)
-        return feature_distance(self.features(pred), ft)
+        b = pred.shape[0]
+        features = self.features(torch.cat([pred, target.detach()]))
+        return feature_distance([f[:b] for f in features], [f[b:].detach() for f in features])

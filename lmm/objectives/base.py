@@ -1,6 +1,7 @@
 """Objective interface: wraps a raw net in its model and turns (model, batch) into per-sample losses."""
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any, ClassVar
 
@@ -9,7 +10,8 @@ from torch import Tensor, nn
 
 from lmm.nets.precond import bcast
 
-__all__ = ["Objective", "STUDENT_KEYS_ALWAYS_READ", "STUDENT_PRECONDS", "bcast", "line_point", "loss_config", "sample_times", "student_precond"]
+__all__ = ["Objective", "STUDENT_KEYS_ALWAYS_READ", "STUDENT_PRECONDS", "bcast", "constant", "line_point", "loss_config",
+           "sample_times", "student_precond"]
 
 
 class Objective(nn.Module):
@@ -64,6 +66,11 @@ class Objective(nn.Module):
         """Extra optimisation phases (lmm.train.Phase) run after the model's own at each step; none by default."""
         return []
 
+    def networks(self) -> list[nn.Module]:
+        """The networks its loss runs besides the model (frozen feature networks, a teacher), which the training
+        loop compiles with run.compile (lmm.compiled.compile_network); none by default."""
+        return []
+
     def config(self) -> dict:
         """The constructor arguments that rebuild this objective (JSON-serialisable)."""
         params = [p for p in inspect.signature(type(self).__init__).parameters if p != "self"]
@@ -76,6 +83,13 @@ class Objective(nn.Module):
                 f"objective {self.name!r} needs batch keys {list(self.required_keys)}; "
                 f"missing {missing} (got {sorted(batch)})"
             )
+
+
+@functools.lru_cache(maxsize=64)
+def constant(values: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """torch.tensor(values) (len(values),) on `device`, made once per (values, dtype, device), so that a training
+    step indexes it without a host-to-device copy; never modify it in place."""
+    return torch.tensor(values, dtype=dtype, device=device)
 
 
 def line_point(z: Tensor, x1: Tensor, t: Tensor) -> Tensor:

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from lmm.losses.combined import LossSum
 from lmm.nets.precond import LinesModel
-from lmm.objectives.base import Objective, bcast, line_point, loss_config, student_precond
+from lmm.objectives.base import Objective, bcast, constant, line_point, loss_config, student_precond
 from lmm.registry import option
 
 SOLVERS = ("euler", "heun")
@@ -71,7 +71,7 @@ class Consistency(Objective):
         self.loss, self.loss_options = self.terms.weights, self.terms.options
         self.steps, self.ema, self.solver = int(steps), float(ema), solver
         self.sigma_min, self.grid_sigma_max, self.rho = float(sigma_min), float(grid_sigma_max), float(rho)
-        self.grid = consistency_grid(self.steps, self.sigma_min, self.grid_sigma_max, self.rho)
+        self.grid = tuple(consistency_grid(self.steps, self.sigma_min, self.grid_sigma_max, self.rho))
         self.precond, self.sigma_data, self.sigma_max, self.denoiser = precond, float(sigma_data), float(sigma_max), denoiser
         self.teacher: nn.Module | None = None
         self.target: nn.Module | None = None
@@ -98,6 +98,11 @@ class Consistency(Objective):
 
     def phases(self) -> list:
         return self.terms.phases()
+
+    def networks(self) -> list[nn.Module]:
+        if self.teacher is None or self.target is None:
+            raise RuntimeError("Consistency.setup() must run before its networks are taken")
+        return [*self.terms.networks(), self.teacher.model, self.target]
 
     def train_state(self) -> dict[str, Tensor]:
         return {} if self.target is None else self.target.state_dict()
@@ -134,7 +139,7 @@ class Consistency(Objective):
             raise RuntimeError("Consistency.setup() must run before the loss is used")
         self.update_target(model)
         x, y = batch["x"], batch.get("y")
-        grid = torch.tensor(self.grid, dtype=x.dtype, device=x.device)
+        grid = constant(self.grid, x.dtype, x.device)
         n = torch.randint(self.steps, (x.shape[0],), device=x.device)
         t, t_next = grid[n], grid[n + 1]
         z = torch.randn_like(x)

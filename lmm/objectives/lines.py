@@ -6,7 +6,7 @@ from torch import Tensor, nn
 
 from lmm.losses.combined import LossSum
 from lmm.nets.precond import LinesModel, check_precond, lines_coefficients
-from lmm.objectives.base import Objective, line_point, loss_config, sample_times, student_precond
+from lmm.objectives.base import Objective, constant, line_point, loss_config, sample_times, student_precond
 
 TIME_SAMPLINGS = ("uniform", "logit_normal", "grid")
 WEIGHTINGS = ("none", "balanced")
@@ -92,6 +92,9 @@ class Lines(Objective):
     def phases(self) -> list:
         return self.terms.phases()
 
+    def networks(self) -> list[nn.Module]:
+        return self.terms.networks()
+
     def build_model(self, net: nn.Module) -> nn.Module:
         return LinesModel(net, sigma_data=self.sigma_data, precond=self.precond, sigma_max=self.sigma_max,
                           denoiser=self.denoiser)
@@ -100,7 +103,7 @@ class Lines(Objective):
         """(n,) line times with like's dtype/device."""
         if self.time_sampling == "grid":
             idx = torch.randint(len(self.grid), (n,), device=like.device)
-            return torch.tensor(self.grid, dtype=like.dtype, device=like.device)[idx]
+            return constant(self.grid, like.dtype, like.device)[idx]
         return sample_times(n, self.time_sampling, self.logit_mean, self.logit_std, like)
 
     def weight(self, t: Tensor) -> Tensor:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor
 
+from lmm.data.arrays import to_model_units
 from lmm.pairs.format import (
     FORMAT_VERSION,
     MANIFEST,
@@ -116,7 +118,7 @@ def open_pairs(store_dir: str | Path, verify: bool = True, allow_incomplete: boo
         missing = [k for k in range(pairs.num_shards) if k not in records]
         raise ValueError(
             f"pair store {store} is incomplete: {len(missing)} of {pairs.num_shards} shards missing "
-            f"(first {store / shard_name(missing[0])}); rerun make_pairs with the same settings to finish it"
+            f"(first {store / shard_name(missing[0])}); rerun `lmm pairs` (make_pairs) with the same settings to finish it"
         )
     if verify:
         pairs.verify()
@@ -129,7 +131,9 @@ class PairSource:
     Epoch e permutes the shards with a generator seeded by (seed, e), groups them into windows of `window`
     shards and permutes the samples inside each window (seeded by (seed, e, w)); epochs follow each other
     seamlessly. The global batch at step s is stream[s*B*world : (s+1)*B*world], rank r gets rows
-    [r*B:(r+1)*B]. Only the current window is held in memory (one buffer of window * shard_size pairs).
+    [r*B:(r+1)*B]. Two windows are held in memory (two buffers of window * shard_size pairs): the one batches
+    come from and the next, read by a background thread meanwhile (a store of at most `window` shards is read
+    once).
     """
 
     def __init__(self, store_dir: str | Path, seed: int, window: int = 4, verify: bool = True):
@@ -141,12 +145,15 @@ class PairSource:
         self.seed = seed
         self.window = window
         self.n = len(self.store)
-        self._layout_epoch: int | None = None
+        self._layouts: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._order = np.empty(0, dtype=np.int64)
         self._starts = np.empty(0, dtype=np.int64)
         self._win_key: tuple[int, int] | None = None
-        self._buf: dict[str, Tensor] = {}
-        self._buf_shards: list[int] = []
+        self._bufs: list[dict[str, Tensor]] = [{}, {}]
+        self._buf_shards: list[list[int]] = [[], []]
+        self._current = 0
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="lmm-pair-window")
+        self._next: tuple[list[int], Future] | None = None
         self._win_data: dict[str, Tensor] = {}
         self._win_perm = torch.empty(0, dtype=torch.int64)
 
@@ -161,47 +168,67 @@ class PairSource:
     def num_classes(self) -> int:
         return self.store.num_classes
 
+    def _epoch_layout(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(shard order, window start offsets) of `epoch` (the last two epochs' kept)."""
+        if epoch not in self._layouts:
+            rng = np.random.default_rng(np.random.SeedSequence([self.seed, 0, epoch]))
+            order = rng.permutation(self.store.num_shards)
+            sizes = [self.store.records[int(k)]["n"] for k in order]
+            per_window = [sum(sizes[i : i + self.window]) for i in range(0, len(sizes), self.window)]
+            self._layouts = {e: v for e, v in self._layouts.items() if e == epoch - 1}
+            self._layouts[epoch] = order, np.concatenate([[0], np.cumsum(per_window)]).astype(np.int64)
+        return self._layouts[epoch]
+
     def _layout(self, epoch: int) -> None:
-        if self._layout_epoch == epoch:
-            return
-        rng = np.random.default_rng(np.random.SeedSequence([self.seed, 0, epoch]))
-        self._order = rng.permutation(self.store.num_shards)
-        sizes = [self.store.records[int(k)]["n"] for k in self._order]
-        per_window = [sum(sizes[i : i + self.window]) for i in range(0, len(sizes), self.window)]
-        self._starts = np.concatenate([[0], np.cumsum(per_window)]).astype(np.int64)
-        self._layout_epoch = epoch
+        self._order, self._starts = self._epoch_layout(epoch)
+
+    def _window_shards(self, epoch: int, w: int) -> list[int]:
+        order, _ = self._epoch_layout(epoch)
+        return sorted(int(k) for k in order[w * self.window : (w + 1) * self.window])
 
     def _load_window(self, epoch: int, w: int) -> None:
-        """Copy window w's shards (in index order) into a reused buffer of window * shard_size rows, unless the
-        buffer already holds them (a store of at most `window` shards is read once), and draw its permutation."""
+        """Make window w of `epoch` the current one: its shards (in index order) in a buffer (the one the
+        background read filled, else read now) and its permutation; then start reading the next window into the
+        other buffer."""
         if self._win_key == (epoch, w):
             return
         self._win_key = None
-        shards = sorted(int(k) for k in self._order[w * self.window : (w + 1) * self.window])
+        shards = self._window_shards(epoch, w)
+        if self._next is not None:
+            self._next[1].result()
+            self._next = None
+        if shards not in self._buf_shards:
+            self._fill_buffer(1 - self._current, shards)
+        self._current = self._buf_shards.index(shards)
         size = int(self._starts[w + 1] - self._starts[w])
-        if shards != self._buf_shards:
-            self._fill_buffer(shards)
         rng = np.random.default_rng(np.random.SeedSequence([self.seed, 1, epoch, w]))
         self._win_perm = torch.from_numpy(rng.permutation(size))
-        self._win_data = {key: t[:size] for key, t in self._buf.items()}
+        self._win_data = {key: t[:size] for key, t in self._bufs[self._current].items()}
         self._win_key = (epoch, w)
+        following = (epoch, w + 1) if w + 2 < len(self._starts) else (epoch + 1, 0)
+        upcoming = self._window_shards(*following)
+        if upcoming not in self._buf_shards:
+            self._next = upcoming, self._reader.submit(self._fill_buffer, 1 - self._current, upcoming)
 
-    def _fill_buffer(self, shards: list[int]) -> None:
-        self._buf_shards = []
+    def _fill_buffer(self, index: int, shards: list[int]) -> None:
+        """Read `shards` into buffer `index` (allocated at window * shard_size rows on first use)."""
+        self._buf_shards[index] = []
+        buf = self._bufs[index]
         offset = 0
         for k in shards:
             part = self.store.load_shard(k)
-            if not self._buf:
+            if not buf:
                 capacity = self.window * self.store.header["shard_size"]
-                self._buf = {key: torch.empty((capacity, *t.shape[1:]), dtype=t.dtype) for key, t in part.items()}
+                buf.update({key: torch.empty((capacity, *t.shape[1:]), dtype=t.dtype) for key, t in part.items()})
             for key, t in part.items():
-                self._buf[key][offset : offset + t.shape[0]] = t
+                buf[key][offset : offset + t.shape[0]] = t
             offset += part["z"].shape[0]
             del part
-        self._buf_shards = shards
+        self._buf_shards[index] = shards
 
-    def batch(self, step: int, rank: int, world: int, batch_size: int) -> dict[str, Tensor]:
-        """Rank's slice of the global batch at step: z, x1 (batch_size, *data_shape) float32, y (batch_size,)."""
+    def raw_batch(self, step: int, rank: int, world: int, batch_size: int) -> dict[str, Tensor]:
+        """`batch` in the store's dtype (lmm.data.arrays.to_model_units converts it), for a GPU run to upload
+        float16 stores at half the bytes and convert on the device."""
         if not 0 <= rank < world or batch_size <= 0 or step < 0:
             raise ValueError(f"bad batch request step={step} rank={rank} world={world} batch_size={batch_size}")
         pos = step * batch_size * world + rank * batch_size
@@ -218,6 +245,8 @@ class PairSource:
             for key, t in self._win_data.items():
                 parts.setdefault(key, []).append(t[rows])
             pos = stop
-        out = {key: v[0] if len(v) == 1 else torch.cat(v) for key, v in parts.items()}
-        out["z"], out["x1"] = out["z"].float(), out["x1"].float()
-        return out
+        return {key: v[0] if len(v) == 1 else torch.cat(v) for key, v in parts.items()}
+
+    def batch(self, step: int, rank: int, world: int, batch_size: int) -> dict[str, Tensor]:
+        """Rank's slice of the global batch at step: z, x1 (batch_size, *data_shape) float32, y (batch_size,)."""
+        return to_model_units(self.raw_batch(step, rank, world, batch_size))
