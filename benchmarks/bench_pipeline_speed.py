@@ -128,7 +128,7 @@ def main() -> None:
             done = len(log_path.read_text().splitlines()) if log_path.is_file() else 0
             steps = (r + 1) * args.steps // args.repeats
             start = time.perf_counter()
-            train(student, objective, source, replace(settings, steps=steps, ckpt_every=steps),
+            train(student, objective, source, replace(settings, steps=steps, ckpt_every=steps, extend=True),
                   run_dir=Path(tmp) / "student", meta={"bench": True})
             whole.append((steps - r * args.steps // args.repeats) * bs / (time.perf_counter() - start))
             log = [json.loads(line) for line in log_path.read_text().splitlines()][done:]

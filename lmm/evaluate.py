@@ -34,7 +34,7 @@ from lmm.metrics import (
 )
 from lmm.metrics.reference import is_edm_stats, load_edm_stats
 from lmm.models import load_model, model_path
-from lmm.runs import run_dir, use_bf16
+from lmm.runs import run_dir, use_bf16, use_compile
 from lmm.sampling import grid_for, sample_lines
 from lmm.solvers import DPM_METHODS, steps_within
 from lmm.teachers import Teacher
@@ -252,7 +252,8 @@ def evaluate_sampler(cfg: dict, ref: Reference, role: str, model: nn.Module | Te
     e = cfg["eval"]
     start = time.perf_counter()
     out = sample(model, e["n"], seed=e["seed"], batch_size=e["batch_size"], bf16=use_bf16(cfg, device),
-                 device=device, progress=cfg["run"]["progress"] and dist.is_main(), **how)
+                 device=device, progress=cfg["run"]["progress"] and dist.is_main(),
+                 compile=use_compile(cfg, device), **how)
     seconds = time.perf_counter() - start
     grid_name = " (edm grid)" if how.get("schedule") == "edm" else ""
     row = {"label": f"{role} {how['solver']} NFE {out['nfe']}{grid_name}", "model": role, "solver": how["solver"],

@@ -69,7 +69,8 @@ def restart_generator(seed: int, batch: int) -> torch.Generator:
 def sample(model: torch.nn.Module | Teacher, n: int | None = None, *, seed: int = 0, seeds: Sequence[int] | None = None,
            batch_size: int = 500, nfe: int | None = None, grid: list[float] | None = None, mode: str | None = None,
            solver: str = "euler", steps: int | None = None, schedule: str = "edm", bf16: bool = False,
-           device: str | torch.device = "cpu", progress: bool = False, label: int | None = None) -> dict[str, Any]:
+           device: str | torch.device = "cpu", progress: bool = False, label: int | None = None,
+           compile: bool = False) -> dict[str, Any]:
     """Draw n samples from the noise stream of `seed` (`noise_batches`), or one per seed of `seeds`
     (`seed_batches`: each image depends on its seed alone; restart students then sample one seed s at a time, their
     fresh noise from `restart_generator(s, 0)`, so that unconditional `seeds=[s]` equals `n=1, seed=s`).
@@ -77,7 +78,8 @@ def sample(model: torch.nn.Module | Teacher, n: int | None = None, *, seed: int 
     for `nfe`) in `mode` (default: the model's own `sampler`, lmm.models.build_model; restart draws noise batch i's
     fresh noise from `restart_generator(seed, i)`); conditional models get balanced labels (i % classes, or
     s % classes for seed s), or all `label`. Returns {"images": uint8 (N,H,W,C) (float (N, D) for vector data),
-    "labels": (N,) or None, "seeds": (N,) int64 or None (without `seeds`), "nfe": int}. Under torchrun each rank
+    "labels": (N,) or None, "seeds": (N,) int64 or None (without `seeds`), "nfe": int}. compile: a student's
+    network runs compiled at batch_size rows (`sample_lines`; teachers are not compiled here). Under torchrun each rank
     samples a contiguous share of the noise batches and every rank returns all N samples, identical to a single
     process's."""
     if (n is None) == (seeds is None):
@@ -107,9 +109,10 @@ def sample(model: torch.nn.Module | Teacher, n: int | None = None, *, seed: int 
                 sol = sample_teacher(model, z, steps or nfe, solver, y, schedule=schedule)
             elif mode == "restart":
                 key = (seed, i) if seeds is None else (seeds[i], 0)
-                sol = sample_lines(model, z, grid, y, mode=mode, generator=restart_generator(*key))
+                sol = sample_lines(model, z, grid, y, mode=mode, generator=restart_generator(*key),
+                                   compile=compile, batch_size=batch_size)
             else:
-                sol = sample_lines(model, z, grid, y, mode=mode)
+                sol = sample_lines(model, z, grid, y, mode=mode, compile=compile, batch_size=batch_size)
         used = sol.nfe
         images.append(sol.x.float().cpu())
         bar.update(z.shape[0] * world)

@@ -102,7 +102,7 @@ def generate_pairs(cfg: dict, teacher_path: str | Path | None = None, store: str
     }
     p = cfg["pairs"]
     generate = teacher_sampler(teacher, t["solver"], t["steps"], bf16, t["schedule"],
-                               compile=use_compile(cfg, device) and not check_only, batch_size=p["batch_size"])
+                               compile=use_compile(cfg, device), batch_size=p["batch_size"])
     make_pairs(out, generate, n_pairs=p["n"],
                shard_size=p["shard_size"], data_shape=tuple(tmeta["data_shape"]), num_classes=tmeta["num_classes"],
                seed=p["seed"], meta=meta, batch_size=p["batch_size"], rank=rank, world=world, dtype=p["dtype"],

@@ -43,7 +43,7 @@ def sample_lines(
     mode: str = "line",
     return_trajectory: bool = False,
     generator: torch.Generator | None = None,
-    compile: bool | str = "auto",
+    compile: bool | str = False,
     batch_size: int | None = None,
 ) -> Solution:
     """Sample from an endpoint predictor model(x_t, t (B,), y) -> x1_hat, starting at noise z (B, ...), with y
@@ -54,7 +54,7 @@ def sample_lines(
     device if None). Returns a Solution: x = the last x1_hat (B, ...), nfe = K.
     With return_trajectory: trajectory = states at t_0..t_{K-1} then the output (time 1); endpoints = the K
     predictions. The model runs in eval mode (its previous mode is restored).
-    compile (run.compile: true, false, or "auto" = on for a CUDA z): the model's network runs compiled
+    compile (run.compile: true, false (default), or "auto" = on for a CUDA z): the model's network runs compiled
     (lmm.compiled.compile_network) at batch_size rows (default: z's), x_t and y padded with zero rows and the
     padding's predictions dropped, so a sampling run's short last batch needs no graph of its own.
     """
@@ -74,7 +74,8 @@ def sample_lines(
     try:
         x = z
         for k, t in enumerate(ts):
-            x1_hat = model(pad_rows(x, n), torch.full((n,), t, dtype=torch.float32, device=z.device), y_n)[:b]
+            x1_hat = model(pad_rows(x, n), torch.full((n,), t, dtype=torch.float32, device=z.device), y_n)
+            x1_hat = x1_hat[:b] if n > b else x1_hat
             if endpoints is not None:
                 endpoints.append(x1_hat)
             if k + 1 == len(ts):

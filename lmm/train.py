@@ -98,7 +98,7 @@ def warmup_lr(lr: float, step: int, warmup_steps: int) -> float:
 def _ema_update(ema: AveragedModel, model: nn.Module, beta: float, first: bool) -> None:
     """ema's weights <- the model's at the `first` update, else lerp(ema, model, 1 - beta); buffers copied; its
     n_averaged counter incremented where it lives. As AveragedModel.update_parameters with an EMA multi_avg_fn,
-    bitwise, but without its per-step host syncs (it reads n_averaged back to decide whether to copy)."""
+    bitwise, without its per-step reads of that counter and copies of it to the GPU (host syncs)."""
     averaged = list(ema.module.parameters())
     current = [p.detach() for p in model.parameters()]
     if first:
@@ -225,9 +225,9 @@ class TrainSettings:
     `ema_beta`); bf16: autocast to bfloat16; seed: the per-step RNG seeds' base (`derive_seed`); a checkpoint
     every `ckpt_every` steps and at the end, the newest `keep` kept; a log record every `log_every` steps and at
     the end; extend: train a finished run on to more steps (its finished model is kept beside the new one, see
-    `train`); compile: run the model's network, the objective's networks (Objective.networks) and the phases'
-    networks compiled (lmm.compiled, run.compile); progress: a progress bar on rank 0; device: "auto", "cpu",
-    "cuda", "cuda:N" or a torch.device (under torchrun see lmm.dist.init_distributed).
+    `train`); compile: run the model's network and the networks the objective names (Objective.networks: its
+    frozen ones, a discriminator) compiled (lmm.compiled, run.compile); progress: a progress bar on rank 0;
+    device: "auto", "cpu", "cuda", "cuda:N" or a torch.device (under torchrun see lmm.dist.init_distributed).
     """
 
     steps: int
@@ -452,7 +452,7 @@ def train(model: nn.Module, objective: TrainObjective, source: BatchSource, sett
     for p in phases:
         p.net.requires_grad_(False)
     if settings.compile:
-        for net in [model, *getattr(objective, "networks", list)(), *(p.net for p in phases)]:
+        for net in [model, *getattr(objective, "networks", list)()]:
             compile_network(net)
 
     samples_per_step = batch_size * world

@@ -24,8 +24,8 @@ TINY = ["teacher.net.channels=8", "student.net.channels=8", "run.progress=false"
         "teacher.train.ckpt_every=4", "student.train.ckpt_every=4", "pairs.n=96", "pairs.shard_size=64",
         "pairs.batch_size=64", "eval.n=32"]
 SMOKE_TESTED = {"ablate_student.py", "bench_bf16.py", "bench_features.py", "bench_nets.py", "edm_costs.py",
-                "bench_pairstore_memory.py", "bench_pipeline_speed.py", "quality.py", "student_diagnostics.py", "teacher_solvers.py",
-                "train_memory.py"}
+                "bench_pairstore_memory.py", "bench_pipeline_speed.py", "gpu.py", "quality.py",
+                "student_diagnostics.py", "teacher_solvers.py", "train_memory.py"}
 
 
 def _bench(script: str, *args: str, timeout: float = 120) -> str:
@@ -190,6 +190,25 @@ def test_bench_pipeline_speed():
     for row in ("| pair generation (pairs/s) |", "| student training, steady, median window (samples/s) |",
                 "| student training, whole call (samples/s) |", "| student NFE 1 sampling (samples/s) |"):
         assert row in stdout
+
+
+def test_gpu(tmp_path):
+    """The CIFAR-10 preset's nets shrunk (--tiny) on the CPU, where run.compile "auto" is off: every measurement runs
+    (eager only) and the GPU-hours come from the measured rates."""
+    stdout = _bench("gpu.py", "--tiny", "--device", "cpu", "--out", tmp_path, "run.bf16=false")
+    result = json.loads((tmp_path / "gpu.json").read_text())
+    assert not result["compile"] and not result["skipped"] and result["nfe"] == 3
+    names = [(r["name"], r["batch"]) for r in result["rows"]]
+    assert names == [("raw forward (eager)", 8), ("raw forward+backward (eager)", 4), ("lmm pairs (dpm++2m, 3 NFE)", 8),
+                     ("lmm train (l2)", 4), ("lmm train (l2+perceptual+adversarial)", 4), ("lmm sample (NFE 1)", 8),
+                     ("lmm sample (NFE 2)", 8), ("raw forward+backward (eager)", 16), ("lmm train (l2)", 16),
+                     ("lmm train (l2+perceptual+adversarial)", 16)]
+    for row in result["rows"]:
+        assert row["rate"] > 0 and row["first_s"] > 0 and row["vs_raw"] > 0 and row["tflops"] > 0
+    pairs, train = result["gpu_hours"]
+    assert pairs["gpu_hours"] == pytest.approx(1_000_000 / result["rows"][2]["rate"] / 3600)
+    assert train["gpu_hours"] == pytest.approx(200_000 * 4 / result["rows"][4]["rate"] / 3600)
+    assert (tmp_path / "gpu.md").read_text() in stdout and "| lmm sample (NFE 2) | 8 |" in stdout
 
 
 def test_teacher_solvers(tiny_run, tmp_path):

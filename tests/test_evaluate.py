@@ -107,7 +107,7 @@ def test_rows_at_nfe_1_carry_nonzero_own_ode_metrics_of_teacher_and_student():
     with torch.no_grad():
         for p in [*teacher.parameters(), *student.parameters()]:  # off the zero-initialised output layers
             p.normal_(0.0, 0.5)
-    cfg = {"eval": {"n": 64, "seed": 0, "batch_size": 64}, "run": {"bf16": False, "progress": False}}
+    cfg = {"eval": {"n": 64, "seed": 0, "batch_size": 64}, "run": {"bf16": False, "compile": False, "progress": False}}
     ref = _reference(_points(300, 2))
     for role, model, how in (("teacher", teacher, {"solver": "euler", "steps": 1}),
                              ("student", student, {"solver": "lines", "grid": [0.0]})):

@@ -142,6 +142,7 @@ def test_student_with_discriminator_resumes_bitwise(pairs_run, tmp_path):
         run = tmp_path / name
         for steps in stops:
             assert main(["train", f"run.dir={run}", *TINY, "run.device=cpu", f"student.train.steps={steps}",
+                         "student.train.extend=true",
                          f"--pairs={pairs_run / 'pairs'}", f"--teacher={pairs_run / 'teacher' / 'model.safetensors'}"]) == 0
         runs[name] = run / "student"
     a, b = (load_checkpoint(r / "checkpoints" / "step-00000006") for r in runs.values())

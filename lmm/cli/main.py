@@ -170,7 +170,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
     draw = {"seeds": args.seeds} if args.seeds is not None else {
         "n": 64 if args.n is None else args.n, "seed": 0 if args.seed is None else args.seed}
     result = sample(model, **draw, batch_size=args.batch_size, bf16=bf16, device=device,
-                    progress=dist.is_main() and run["progress"], label=args.label, **how)
+                    progress=dist.is_main() and run["progress"], label=args.label,
+                    compile=dist.resolve_compile(run["compile"], device), **how)
     if dist.is_main():
         path = (save_png_folder if args.format == "png" else save_samples)(result, args.out)
         print(f"{path}: {len(result['images'])} samples, NFE {result['nfe']}")

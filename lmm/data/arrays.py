@@ -93,8 +93,7 @@ def model_rows(values: Tensor | np.ndarray | ChunkedArray, idx: Tensor | slice,
 def to_model_units(batch: dict[str, Tensor]) -> dict[str, Tensor]:
     """A batch of stored dtypes (a BatchSource's raw_batch) in model units: uint8 images v/127.5 - 1 and other
     floating tensors as float32; integer tensors (labels) as they are."""
-    return {k: uint8_to_model(v) if v.dtype == torch.uint8 else v.float() if v.is_floating_point() else v
-            for k, v in batch.items()}
+    return {k: v.float() if v.is_floating_point() else uint8_to_model(v) for k, v in batch.items()}
 
 
 @dataclass

@@ -33,7 +33,10 @@ class LossSum(nn.Module):
         return [p for term in self.terms.values() for p in term.phases()]
 
     def networks(self) -> list[nn.Module]:
-        """The terms' networks (LossTerm.networks), each once."""
+        """The terms' networks (LossTerm.networks), each once; none with an R1 penalty, whose double backward
+        (through the discriminator and the pyramid the terms share) cannot run through compiled graphs."""
+        if "adversarial" in self.terms and self.terms["adversarial"].r1 > 0:
+            return []
         return list({id(n): n for term in self.terms.values() for n in term.networks()}.values())
 
     def forward(self, pred: Tensor, target: Tensor, ctx: dict[str, Any]) -> Tensor:

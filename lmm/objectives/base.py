@@ -10,8 +10,8 @@ from torch import Tensor, nn
 
 from lmm.nets.precond import bcast
 
-__all__ = ["Objective", "STUDENT_KEYS_ALWAYS_READ", "STUDENT_PRECONDS", "bcast", "constant", "line_point", "loss_config",
-           "sample_times", "student_precond"]
+__all__ = ["Objective", "STUDENT_KEYS_ALWAYS_READ", "STUDENT_PRECONDS", "bcast", "constant", "line_point",
+           "loss_config", "sample_times", "student_precond"]
 
 
 class Objective(nn.Module):
@@ -67,8 +67,8 @@ class Objective(nn.Module):
         return []
 
     def networks(self) -> list[nn.Module]:
-        """The networks its loss runs besides the model (frozen feature networks, a teacher), which the training
-        loop compiles with run.compile (lmm.compiled.compile_network); none by default."""
+        """The networks its loss runs besides the model (frozen feature networks, a teacher, a discriminator),
+        which the training loop compiles with run.compile (lmm.compiled.compile_network); none by default."""
         return []
 
     def config(self) -> dict:
