@@ -149,19 +149,27 @@ def test_old_run_without_digests_and_without_data(run, tmp_path):
     assert re.search(r"student NFE 1 fd_pixel [\d.]+ / teacher fd_pixel [\d.]+ = [\d.]+", page)
 
 
+def _screenshot(browser: str, page: Path, shot: Path, profile: Path, height: int) -> np.ndarray:
+    """Render `page` in headless Chromium at 1200 x height into `shot`; its grey pixels (height, 1200)."""
+    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                    f"--user-data-dir={profile}", f"--screenshot={shot}", f"--window-size=1200,{height}",
+                    page.resolve().as_uri()], check=True, capture_output=True, timeout=120)
+    return np.asarray(Image.open(shot).convert("L"), dtype=np.float64)
+
+
 def test_report_renders_in_chromium(run, tmp_path):
+    """The report in a real headless browser. LMM_REPORT_FIGURE_RUN=RUN (e.g. runs/demo after `lmm demo`) also
+    renders that run's report into docs/figures/report.png."""
     browser = next((shutil.which(b) for b in ("chromium", "chromium-headless-shell", "chromium-browser")
                     if shutil.which(b)), None)
     if browser is None:
         pytest.skip("no chromium binary")
     page = build_report(run, title="LMM demo: digits")
-    shot = tmp_path / "report.png"
-    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path / 'profile'}",
-                    f"--screenshot={shot}", "--window-size=1200,3000", page.resolve().as_uri()],
-                   check=True, capture_output=True, timeout=120)
-    image = np.asarray(Image.open(shot).convert("L"), dtype=np.float64)
+    image = _screenshot(browser, page, tmp_path / "report.png", tmp_path / "profile", 3000)
     assert image.shape == (3000, 1200) and image.std() > 20
     assert image[:, :600].std() > 20 and image[1500:].std() > 20
-    if os.environ.get("LMM_UPDATE_FIGURES") == "1":
+    figure_run = os.environ.get("LMM_REPORT_FIGURE_RUN")
+    if figure_run:
         FIGURE.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(shot, FIGURE)
+        page = build_report(Path(figure_run), title="LMM demo: digits")
+        assert _screenshot(browser, page, FIGURE, tmp_path / "profile", 4200).std() > 20
