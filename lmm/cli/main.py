@@ -343,7 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Draw samples of a model file into an .npz (images uint8 N x H x W x C, labels "
                                    "when conditional, seeds with --seeds) and a PNG grid beside it, or with --format "
                                    "png into a folder of PNG files, one per image. The config (-c, KEY=VALUE) gives "
-                                   "run.device, run.bf16, run.deterministic and run.progress; flags win.")
+                                   "run.device, run.bf16, run.deterministic, run.compile and run.progress; flags "
+                                   "win.")
     _add_config_args(p)
     p.add_argument("--model", type=Path, required=True, help="model.safetensors (teacher or student) or its run folder")
     p.add_argument("--out", type=Path, required=True,
