@@ -327,8 +327,9 @@ def _kept_name(step: int) -> str:
     return f"model-step{step:08d}"
 
 
-def _check_steps(run_dir: Path, start: int, steps: int, extend: bool, role: str | None) -> None:
-    """Refuse `steps` that would discard or silently train on a finished run (ValueError naming the setting)."""
+def _check_steps(run_dir: Path, start: int, steps: int, extend: bool, role: str | None) -> int | None:
+    """Refuse `steps` that would discard or silently train on a finished run (ValueError naming the setting);
+    returns the finished run's step (`_finished_step`)."""
     key = f"{role}.train" if role else "settings"
     finished = _finished_step(run_dir)
     kept = run_dir / f"{_kept_name(steps)}.safetensors"
@@ -342,6 +343,7 @@ def _check_steps(run_dir: Path, start: int, steps: int, extend: bool, role: str 
                          f"replace it. Set {key}.steps={start} to keep it, {key}.extend=true to train on (the "
                          f"{start}-step model is kept as {_kept_name(start)}.safetensors), or train into another "
                          f"folder (run.dir=...)")
+    return finished
 
 
 def _keep_finished(run_dir: Path, step: int) -> None:
@@ -402,7 +404,7 @@ def train(model: nn.Module, objective: TrainObjective, source: BatchSource, sett
     phase_opts = {p.name: torch.optim.Adam([q for q in p.net.parameters() if q.requires_grad], lr=p.lr,
                                            betas=p.betas) for p in phases}
 
-    start = 0
+    start, finished = 0, None
     latest = latest_checkpoint(run_dir) if main else None
     resume_step = broadcast_int(-1 if latest is None else checkpoint_step(latest))
     ckpt = None if resume_step < 0 else run_dir / "checkpoints" / step_dir_name(resume_step)
@@ -422,7 +424,7 @@ def train(model: nn.Module, objective: TrainObjective, source: BatchSource, sett
                              f"batch {state.get('batch_size')} per process, this run has {world} x {batch_size}; "
                              "the data stream, per-process randomness and EMA would differ. Resume with the same "
                              "torchrun --nproc_per_node and batch size, or use another run folder")
-        _check_steps(run_dir, start, steps, settings.extend, meta.get("role"))
+        finished = _check_steps(run_dir, start, steps, settings.extend, meta.get("role"))
         model.load_state_dict(tensors["model"])
         ema.load_state_dict(tensors["ema"])
         opt.load_state_dict(state["optimizer"])
@@ -432,7 +434,7 @@ def train(model: nn.Module, objective: TrainObjective, source: BatchSource, sett
         objective.load_train_state(tensors.get("objective", {}))
     if check_only:
         return model
-    if main and ckpt is not None and start < steps and _finished_step(run_dir) == start:
+    if main and ckpt is not None and start < steps and finished == start:
         _keep_finished(run_dir, start)
 
     def wrap(step_module: nn.Module) -> nn.Module:
@@ -525,6 +527,7 @@ def train(model: nn.Module, objective: TrainObjective, source: BatchSource, sett
             if main:
                 log.append({"step": bad_step, "event": "non-finite loss", "checkpoint": str(good)})
                 log.close()
+            loader.close()
             barrier()
             raise FloatingPointError(f"non-finite loss at step {bad_step}; last good checkpoint: "
                                      f"{good if good is not None else 'none (no checkpoint written yet)'}")
