@@ -17,7 +17,7 @@ TOY_FAST = ["teacher.train.steps=300", "student.train.steps=300", "teacher.train
 
 def test_help_documents_every_option(capsys):
     parser = build_parser()
-    for command in (["config"], ["teacher", "train"], ["pairs"], ["train"], ["sample"], ["eval"], ["demo"], ["report"]):
+    for command in (["config"], ["teacher", "train"], ["pairs"], ["train"], ["sample"], ["compare"], ["eval"], ["demo"], ["report"]):
         with pytest.raises(SystemExit) as exit_:
             parser.parse_args([*command, "--help"])
         assert exit_.value.code == 0
@@ -73,6 +73,19 @@ def test_stages_on_digits(tmp_path, capsys):
     assert three["seeds"].tolist() == [3, 4, 5] and (tmp_path / "s35.png").is_file()
     assert [p.name for p in (tmp_path / "s4").iterdir()] == ["000004.png"]
     assert np.array_equal(np.asarray(Image.open(tmp_path / "s4" / "000004.png"))[..., None], three["images"][1])
+    # lmm compare: a row per model from the same seeds' noise; the student's NFE-2 row holds lmm sample's images
+    fig = tmp_path / "compare.png"
+    assert main(["compare", "--model", str(run / "teacher"), "--model", str(run / "student"),
+                 "--model", f"{run / 'student' / 'model.safetensors'}@2", "--seeds", "3-5", "--scale", "2",
+                 "--out", str(fig), "run.bf16=false"]) == 0
+    canvas = np.asarray(Image.open(fig))
+    assert canvas.shape[0] == 2 + 3 * (16 + 2)
+    for i in range(3):
+        left = canvas.shape[1] - (3 - i) * (16 + 2)
+        cell = canvas[2 + 2 * 18: 2 + 2 * 18 + 16, left: left + 16, 0]
+        assert np.array_equal(cell, three["images"][i, :, :, 0].repeat(2, 0).repeat(2, 1))
+    assert main(["compare", "--model", str(run / "student"), "--out", str(tmp_path / "c.npz")]) == 2
+    assert "name a .png file" in capsys.readouterr().err
     assert main(["sample", "--model", str(run / "teacher"), "--solver", "euler", "--steps", "2", "-n", "4",
                  "--out", str(tmp_path / "t.npz")]) == 0
     assert "NFE 2" in capsys.readouterr().out

@@ -177,6 +177,48 @@ def cmd_sample(args: argparse.Namespace) -> None:
         print(f"{path}: {len(result['images'])} samples, NFE {result['nfe']}")
 
 
+def _compare_row(text: str) -> tuple[Path, int | None]:
+    """--model of `lmm compare`: PATH or PATH@NFE."""
+    path, sep, nfe = text.rpartition("@")
+    if sep and nfe.isdigit():
+        if int(nfe) < 1:
+            raise argparse.ArgumentTypeError(f"{text!r}: NFE must be >= 1")
+        return Path(path), int(nfe)
+    return Path(text), None
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    from types import SimpleNamespace
+
+    from lmm.data.images import save_labelled_rows
+    from lmm.generate import sample
+    from lmm.models import load_model
+
+    run = _config(args)["run"]
+    if args.out.suffix != ".png":
+        raise ValueError(f"--out {args.out}: name a .png file")
+    device = dist.init_distributed(args.device or run["device"], deterministic=run["deterministic"]).device
+    bf16 = dist.resolve_bf16(run["bf16"] if args.bf16 is None else BF16[args.bf16], device)
+    rows, shapes = [], set()
+    for path, nfe in args.model:
+        model, meta = load_model(path, device)
+        shapes.add((tuple(meta["data_shape"]), meta.get("num_classes", 0)))
+        if len(shapes) > 1:
+            raise ValueError(f"--model {path}: its data (shape, classes) {shapes} differs from the rows before it; "
+                             "compare models of one dataset")
+        if len(meta["data_shape"]) != 3:
+            raise ValueError(f"--model {path}: samples vectors of shape {tuple(meta['data_shape'])}, not images")
+        flags = SimpleNamespace(nfe=nfe, grid=None, mode=None, solver=None, steps=None, schedule=None)
+        how = _sampler(flags, meta, getattr(model, "singular_end", False))
+        result = sample(model, seeds=args.seeds, batch_size=args.batch_size, bf16=bf16, device=device,
+                        label=args.label, **how)
+        name = "/".join(path.with_suffix("").parts[-2:]) if path.suffix else "/".join(path.parts[-2:])
+        what = f"{how['solver']} {how['steps']} steps, " if meta["role"] == "teacher" else ""
+        rows.append((f"{name}: {what}NFE {result['nfe']}", result["images"]))
+    if dist.is_main():
+        print(save_labelled_rows(rows, args.out, scale=args.scale))
+
+
 _OVERRIDE = re.compile(r"[A-Za-z_]\w*(\.\w+)+=")
 
 
@@ -389,6 +431,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GPU kernels that repeat bitwise (default: run.deterministic, false: cuDNN autotunes its "
                         "fastest)")
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("compare", help="teachers and students side by side from the same noise, one labelled PNG",
+                       epilog=CONFIG_HELP, formatter_class=fmt,
+                       description="Sample each --model from the noise of the same --seeds (as lmm sample --seeds "
+                                   "does, so seed s gives each row the same starting noise and class) and write one "
+                                   "PNG: a row per model, labelled with its folder, sampler and NFE. The config (-c, "
+                                   "KEY=VALUE) gives run.device, run.bf16 and run.deterministic; flags win.")
+    _add_config_args(p)
+    p.add_argument("--model", type=_compare_row, action="append", required=True,
+                   help="a row: model.safetensors or its run folder, optionally @NFE (students: the line sampler at "
+                        "NFE calls, default 1; teachers: the most steps of their own solver that fit, default their "
+                        "own steps); repeat for more rows, e.g. --model runs/x/teacher --model runs/x/student@1")
+    p.add_argument("--seeds", type=_seed_list, default=list(range(12)),
+                   help="one column per seed, e.g. 0-11 (default) or 3,7,9; see lmm sample --seeds")
+    p.add_argument("--class", dest="label", type=int, default=None,
+                   help="conditional models: every column of this class (default: s %% classes for seed s)")
+    p.add_argument("--out", type=Path, required=True, help="the .png file to write")
+    p.add_argument("--scale", type=_positive_int, default=3, help="upscale each image this many times (default 3)")
+    p.add_argument("--batch-size", type=_positive_int, default=500, help="samples per batch (default 500)")
+    p.add_argument("--bf16", choices=list(BF16), default=None,
+                   help="bf16 autocast: auto = on for GPUs and CPUs with native bf16 (default: run.bf16, auto)")
+    p.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (default: run.device, auto)")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("eval", help="score sample files or a model at several NFE against a dataset",
                        description="Frechet distance (eval.features: inception = FID, proxy, pixel) and precision/"

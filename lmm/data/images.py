@@ -1,4 +1,4 @@
-"""Conversion of [-1, 1] image tensors to uint8 and an atomic PNG grid writer."""
+"""Conversion of [-1, 1] image tensors to uint8, an atomic PNG grid writer and labelled rows of images."""
 from __future__ import annotations
 
 import math
@@ -61,4 +61,36 @@ def save_image_grid(
     path = Path(path)
     with atomic_path(path) as tmp:
         img.save(tmp, format="PNG")
+    return path
+
+
+def save_labelled_rows(rows: list[tuple[str, np.ndarray]], path: str | Path, scale: int = 2, pad: int = 2) -> Path:
+    """Write one PNG with a row of images per (label, images uint8 (N, H, W, C)), all rows the same N, H, W, C: the
+    label on the left, the images upscaled `scale` times (nearest neighbour) on a white background, atomically.
+    Row r's image i has its top-left corner at (pad + r * (H * scale + pad), width - (N - i) * (W * scale + pad))."""
+    from PIL import Image, ImageDraw
+
+    if not rows:
+        raise ValueError(f"save_labelled_rows got no rows for {path}")
+    arrays = [_as_uint8_nhwc(images) for _, images in rows]
+    if len({a.shape for a in arrays}) != 1:
+        raise ValueError(f"save_labelled_rows: rows differ in shape {[a.shape for a in arrays]} for {path}")
+    n, h, w, c = arrays[0].shape
+    if c not in (1, 3):
+        raise ValueError(f"save_labelled_rows needs 1 or 3 channels, got {c} for {path}")
+    ch, cw = h * scale, w * scale
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    label_w = max(int(probe.textbbox((0, 0), label)[2]) for label, _ in rows) + 2 * pad
+    canvas = Image.new("RGB", (label_w + pad + n * (cw + pad), pad + len(rows) * (ch + pad)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for r, ((label, _), arr) in enumerate(zip(rows, arrays)):
+        top = pad + r * (ch + pad)
+        box = draw.textbbox((0, 0), label)
+        draw.text((pad, top + (ch - (box[3] - box[1])) // 2 - box[1]), label, fill="black")
+        for i, image in enumerate(arr.repeat(scale, axis=1).repeat(scale, axis=2)):
+            rgb = np.repeat(image, 3, axis=2) if c == 1 else image
+            canvas.paste(Image.fromarray(rgb), (label_w + pad + i * (cw + pad), top))
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        canvas.save(tmp, format="PNG")
     return path
