@@ -212,7 +212,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
         how = _sampler(flags, meta, getattr(model, "singular_end", False))
         result = sample(model, seeds=args.seeds, batch_size=args.batch_size, bf16=bf16, device=device,
                         label=args.label, **how)
-        name = "/".join(path.with_suffix("").parts[-2:]) if path.suffix else "/".join(path.parts[-2:])
+        name = "/".join((path.parent if path.suffix else path).parts[-2:])
         what = f"{how['solver']} {how['steps']} steps, " if meta["role"] == "teacher" else ""
         rows.append((f"{name}: {what}NFE {result['nfe']}", result["images"]))
     if dist.is_main():
@@ -330,6 +330,15 @@ def cmd_analyze_singularity(args: argparse.Namespace) -> None:
     print(args.run_dir / "analysis" / "singularity.json")
 
 
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    """--batch-size, --bf16 and --device of the commands that sample a model file (sample, compare)."""
+    p.add_argument("--batch-size", type=_positive_int, default=500, help="samples per batch (default 500)")
+    p.add_argument("--bf16", choices=list(BF16), default=None,
+                   help="bf16 autocast: auto = on for GPUs and CPUs with native bf16 (AVX-512 BF16, AMX) "
+                        "(default: run.bf16, auto)")
+    p.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (default: run.device, auto)")
+
+
 class _Parser(argparse.ArgumentParser):
     """An argument mistake is one line, naming the command and pointing at its --help; exit code 2."""
 
@@ -422,11 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--schedule", choices=list(SCHEDULES), default=None,
                    help="teacher time grid: edm (EDM's, last call at sigma_min) or trimmed (that call moved to where "
                         "it changes the sample; better at few steps) (default: the teacher's own)")
-    p.add_argument("--batch-size", type=_positive_int, default=500, help="samples per batch (default 500)")
-    p.add_argument("--bf16", choices=list(BF16), default=None,
-                   help="bf16 autocast: auto = on for GPUs and CPUs with native bf16 (AVX-512 BF16, AMX) "
-                        "(default: run.bf16, auto)")
-    p.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (default: run.device, auto)")
+    _add_sampling_args(p)
     p.add_argument("--deterministic", action="store_true", default=None,
                    help="GPU kernels that repeat bitwise (default: run.deterministic, false: cuDNN autotunes its "
                         "fastest)")
@@ -449,10 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="conditional models: every column of this class (default: s %% classes for seed s)")
     p.add_argument("--out", type=Path, required=True, help="the .png file to write")
     p.add_argument("--scale", type=_positive_int, default=3, help="upscale each image this many times (default 3)")
-    p.add_argument("--batch-size", type=_positive_int, default=500, help="samples per batch (default 500)")
-    p.add_argument("--bf16", choices=list(BF16), default=None,
-                   help="bf16 autocast: auto = on for GPUs and CPUs with native bf16 (default: run.bf16, auto)")
-    p.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (default: run.device, auto)")
+    _add_sampling_args(p)
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("eval", help="score sample files or a model at several NFE against a dataset",
