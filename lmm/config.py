@@ -230,18 +230,34 @@ def parse_override(text: str) -> dict:
     return out
 
 
+def read_preset(path: Path, _chain: tuple[Path, ...] = ()) -> list[tuple[str, dict]]:
+    """The tables of preset `path` to merge in order, (source, table) pairs: the presets it extends first. A
+    preset extends another with a top-level `base = "other.toml"` (relative to its own folder); its own keys then
+    update the base's, `net` and `loss` tables replacing the base's whole."""
+    if not path.is_file():
+        via = f" (base of {_chain[-1]})" if _chain else ""
+        raise ConfigError(f"config file not found: {path}{via}")
+    if path.resolve() in _chain:
+        raise ConfigError(f"{path}: 'base' chain loops: {' -> '.join(map(str, (*_chain, path.resolve())))}")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: not valid TOML: {err}") from err
+    base = data.pop("base", None)
+    if base is None:
+        return [(str(path), data)]
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: 'base' expects the file name of another preset, got {base!r}")
+    return [*read_preset(path.parent / base, (*_chain, path.resolve())), (str(path), data)]
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> dict:
-    """defaults(), updated by the TOML file at `path` (if any), then by each `key=value` override."""
+    """defaults(), updated by the TOML file at `path` (if any) after the presets it extends (read_preset), then by
+    each `key=value` override."""
     cfg = defaults()
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            data = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as err:
-            raise ConfigError(f"{path}: not valid TOML: {err}") from err
-        _merge(cfg, data, "", str(path), preset=True)
+        for source, data in read_preset(Path(path)):
+            _merge(cfg, data, "", source, preset=True)
     for text in overrides:
         whole = text.split("=", 1)[0].strip().rsplit(".", 1)[-1] in REPLACED_WHOLE
         _merge(cfg, parse_override(text), "", f"override '{text}'", preset=whole)

@@ -50,10 +50,41 @@ def test_presets_in_repo_load():
     for path in paths:
         cfg = load_config(path)
         json.dumps(cfg)
-        flat, preset = dict(flat_keys(cfg)), dict(leaves(tomllib.loads(path.read_text())))
+        own = tomllib.loads(path.read_text())
+        own.pop("base", None)
+        flat, preset = dict(flat_keys(cfg)), dict(leaves(own))
         # every value the preset sets is the loaded one (read independently of lmm.config), run.dir included
         assert {k: flat.get(k, "missing") for k in preset} == preset, path.name
         assert flat["run.dir"] == preset["run.dir"] != defaults()["run"]["dir"], path.name
+
+
+def test_preset_extends_a_base(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "root.toml").write_text("[run]\ndir = 'runs/root'\nseed = 7\n[teacher.net]\nkind = 'mlp'\nwidth = 32\n"
+                                        "[student]\nloss = {l2 = 1.0, perceptual = 0.01}\n")
+    (tmp_path / "sub" / "mid.toml").write_text("base = '../root.toml'\n[run]\ndir = 'runs/mid'\n"
+                                               "[student]\nloss = {l2 = 1.0}\n")
+    child = tmp_path / "sub" / "child.toml"
+    child.write_text("base = 'mid.toml'\n[data]\nconditional = true\n[teacher.net]\nkind = 'mlp'\ndepth = 2\n")
+    cfg = load_config(child, ["run.seed=9"])
+    assert cfg["run"]["dir"] == "runs/mid" and cfg["run"]["seed"] == 9 and cfg["data"]["conditional"] is True
+    assert cfg["student"]["loss"] == {"l2": 1.0}
+    assert cfg["teacher"]["net"] == {"kind": "mlp", "depth": 2}
+    assert load_config(child)["run"]["seed"] == 7
+
+    (tmp_path / "loop.toml").write_text("base = 'loop2.toml'\n")
+    (tmp_path / "loop2.toml").write_text("base = 'loop.toml'\n")
+    with pytest.raises(ConfigError, match="loop.toml: 'base' chain loops"):
+        load_config(tmp_path / "loop.toml")
+    (tmp_path / "orphan.toml").write_text("base = 'gone.toml'\n")
+    with pytest.raises(ConfigError, match=r"gone.toml \(base of .*orphan.toml\)"):
+        load_config(tmp_path / "orphan.toml")
+    (tmp_path / "bad.toml").write_text("base = 3\n")
+    with pytest.raises(ConfigError, match="bad.toml: 'base' expects the file name"):
+        load_config(tmp_path / "bad.toml")
+    (tmp_path / "badkey.toml").write_text("base = 'root.toml'\n[run]\ndirr = 'x'\n")
+    with pytest.raises(ConfigError, match="badkey.toml: unknown key 'run.dirr'"):
+        load_config(tmp_path / "badkey.toml")
 
 
 def test_bf16_auto_follows_the_cpu_flags(monkeypatch, tmp_path):
