@@ -25,7 +25,7 @@ OUT/<method>/quality.json, so an interrupted run resumes row by row (training re
 OUT/quality.html shows the table and every method's samples side by side (the same seeded noise for all, at the
 best sampler of each NFE); OUT/quality.json holds every row.
 
-    python benchmarks/quality.py -c configs/fashion_mnist.toml --run runs/fashion_mnist --out runs/quality \\
+    python benchmarks/quality.py -c configs/fashion_mnist_small.toml --run runs/fashion_mnist_small --out runs/quality \\
         [--methods teacher,lmm_l2,...] [--nfe 1,2] [--bench BENCHMARKS.md] [KEY=VALUE ...]
 """
 from __future__ import annotations
