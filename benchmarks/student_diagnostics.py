@@ -6,6 +6,10 @@ For a trained student RUN/student whose loss has an adversarial term (its discri
 - the discriminator of the latest checkpoint on -n held-out real images (data.*, split eval.split) and on -n of
   the student's samples at --nfe (the same seeded noise as lmm eval): mean logit of each side and the accuracy
   of the sign (real > 0, generated < 0), with the augmentation it was trained with and without it;
+- memorisation: the pixel distance of each generated and each held-out image to its nearest training image
+  (data.split), their medians and 1st percentiles, and the fraction whose nearest training image is less than a
+  third as far as the second nearest (near-copies; a generator that copies scores above the held-out images);
+  a PNG of the 8 generated images nearest the training set above their two nearest training images;
 - a grid of the first 64 samples.
 
     python benchmarks/student_diagnostics.py --run runs/fm_cond_big -c configs/fashion_mnist.toml \\
@@ -23,8 +27,9 @@ import torch
 from lmm.checkpoint import latest_checkpoint, load_checkpoint
 from lmm.config import load_config
 from lmm.data.from_config import load_data
-from lmm.data.images import save_image_grid
+from lmm.data.images import save_image_grid, save_labelled_rows
 from lmm.generate import sample
+from lmm.metrics import nearest_rows
 from lmm.models import load_model
 from lmm.objectives import get_objective
 from lmm.report import svg_plot
@@ -48,6 +53,26 @@ def disc_scores(term, x: torch.Tensor, y: torch.Tensor | None, augment: bool, ba
         xb, yb = x[i:i + batch], None if y is None else y[i:i + batch]
         out.append(term.logits(term.disc, xb, yb, augment))
     return torch.cat(out)
+
+
+def memorisation(fake: np.ndarray, held_out: np.ndarray, train: np.ndarray, out: Path) -> dict:
+    """Nearest-training-image statistics of uint8 images fake and held_out (N, H, W, C) against train (M, H, W, C),
+    in pixels scaled to [-1, 1]; writes out (the 8 fakes nearest the training set over their 2 neighbours)."""
+    def pixels(images: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(images.reshape(len(images), -1)).float() / 127.5 - 1
+
+    def stats(d: torch.Tensor) -> dict:
+        return {"median": float(d[:, 0].median()), "p01": float(d[:, 0].quantile(0.01)),
+                "near_copies": float((d[:, 0] < d[:, 1] / 3).float().mean())}
+
+    bank = pixels(train)
+    d, j = nearest_rows(pixels(fake), bank, k=2)
+    closest = d[:, 0].argsort()[:8]
+    save_labelled_rows([("generated (nearest the training set)", fake[closest.numpy()]),
+                        ("nearest training image", train[j[closest, 0].numpy()]),
+                        ("second nearest", train[j[closest, 1].numpy()])], out, scale=3)
+    return {"train_images": len(train), "generated": stats(d),
+            "held_out": stats(nearest_rows(pixels(held_out), bank, k=2)[0])}
 
 
 def main() -> None:
@@ -97,9 +122,13 @@ def main() -> None:
             "real_logit": float(r.mean()), "generated_logit": float(f.mean()),
             "accuracy": float(((r > 0).float().sum() + (f < 0).float().sum()) / (2 * n)),
             "hinge": float(torch.relu(1 - r).mean() + torch.relu(1 + f).mean())}
+    memo = None
+    if split != cfg["data"]["split"]:
+        memo = memorisation(fake["images"], data.uint8_nhwc()[np.sort(idx.numpy())], load_data(cfg).uint8_nhwc(),
+                            out / f"nearest_nfe{args.nfe}.png")
     rows = curves(student_dir / "log.jsonl", args.every)
     result = {"run": str(args.run), "checkpoint": ckpt.name, "n": n, "nfe": args.nfe, "discriminator": scores,
-              "curves": rows}
+              "memorisation": memo, "curves": rows}
     (out / "diagnostics.json").write_text(json.dumps(result, indent=1))
     plot = svg_plot({"student loss x 100": [(r["step"], 100 * r["loss"]) for r in rows],
                      "discriminator hinge": [(r["step"], r["disc_loss"]) for r in rows if r["disc_loss"] is not None]},
@@ -111,6 +140,15 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for name, s in scores.items():
         print(f"| {name} | {s['real_logit']:.3f} | {s['generated_logit']:.3f} | {s['accuracy']:.3f} | {s['hinge']:.3f} |")
+    if memo is None:
+        print(f"\nmemorisation: not measured (the held-out split {split!r} is the training split)")
+    else:
+        print(f"\nPixel distance to the nearest of {memo['train_images']} training images ({cfg['data']['split']} split, "
+              f"pixels in [-1, 1]); held out: {n} images of the {split} split")
+        print("| images | median | 1st percentile | near copies (nearest < 1/3 of second nearest) |\n|---|---|---|---|")
+        for name in ("generated", "held_out"):
+            m = memo[name]
+            print(f"| {name} | {m['median']:.3f} | {m['p01']:.3f} | {m['near_copies']:.4f} |")
     print("\n| step | student loss | discriminator hinge loss |\n|---|---|---|")
     for r in rows:
         disc = "" if r["disc_loss"] is None else f"{r['disc_loss']:.3f}"

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -284,3 +285,24 @@ def test_student_diagnostics(tiny_run, tmp_path):
     assert all(0 <= s["accuracy"] <= 1 and math.isfinite(s["hinge"]) for s in result["discriminator"].values())
     assert [r["step"] for r in result["curves"]] == [2, 4] and "| plain |" in stdout
     assert (run / "diagnostics" / "samples_nfe1.png").is_file() and (run / "diagnostics" / "curves.svg").is_file()
+    assert result["memorisation"] is None and "memorisation: not measured" in stdout  # digits: one split
+
+
+def test_student_diagnostics_memorisation(tmp_path):
+    """Generated images that copy training images are counted as near copies and shown first; held-out images
+    drawn independently are not."""
+    from PIL import Image
+
+    memorisation = runpy.run_path(str(BENCH / "student_diagnostics.py"))["memorisation"]
+    rng = np.random.default_rng(0)
+    train = rng.integers(0, 256, (50, 6, 6, 1), dtype=np.uint8)
+    fake = rng.integers(0, 256, (12, 6, 6, 1), dtype=np.uint8)
+    fake[[1, 4, 7]] = train[[10, 20, 30]]
+    held_out = rng.integers(0, 256, (12, 6, 6, 1), dtype=np.uint8)
+    out = tmp_path / "nearest.png"
+    result = memorisation(fake, held_out, train, out)
+    assert result["train_images"] == 50
+    assert result["generated"]["near_copies"] == 3 / 12 and result["held_out"]["near_copies"] == 0
+    assert result["generated"]["p01"] == 0 < result["held_out"]["p01"] <= result["held_out"]["median"]
+    grid = np.asarray(Image.open(out).convert("L"))
+    assert grid.shape[0] == 2 + 3 * (6 * 3 + 2)  # rows: generated, nearest, second nearest

@@ -22,7 +22,7 @@ from lmm.metrics.features import (
     get_extractor,
 )
 from lmm.metrics.frechet import FeatureStats, frechet_distance, frechet_distance_stats
-from lmm.metrics.prdc import knn_radii, precision_recall
+from lmm.metrics.prdc import knn_radii, nearest_rows, precision_recall
 from lmm.metrics.reference import (
     compute_stats,
     hash_images,
@@ -155,6 +155,22 @@ def test_feature_stats_all_gather_two_processes():
 
 
 # ---------------------------------------------------------------- precision / recall
+
+
+def test_nearest_rows_match_brute_force_in_any_chunking():
+    g = torch.Generator().manual_seed(0)
+    queries, bank = torch.randn(37, 5, generator=g), torch.randn(90, 5, generator=g)
+    full = torch.cdist(queries, bank)
+    for max_bytes in (1, 4 * 90 * 7, 256 << 20):
+        d, j = nearest_rows(queries, bank, k=3, max_bytes=max_bytes)
+        assert d.shape == j.shape == (37, 3) and torch.equal(j[:, 0], full.argmin(1))
+        assert torch.allclose(d, full.gather(1, j), atol=1e-5) and bool((d[:, 1:] >= d[:, :-1]).all())
+    d, j = nearest_rows(bank[[4, 8]], bank, k=1)
+    assert j[:, 0].tolist() == [4, 8] and float(d.max()) < 1e-3
+    with pytest.raises(ValueError, match="nearest_rows: need equal widths"):
+        nearest_rows(queries, bank[:, :4])
+    with pytest.raises(ValueError, match="nearest_rows: queries must be"):
+        nearest_rows(queries[0], bank)
 
 
 def test_precision_recall_identical_disjoint_partial_and_chunking():

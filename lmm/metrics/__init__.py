@@ -1,4 +1,5 @@
-"""Evaluation metrics: Frechet distances (FID / proxy / pixel), precision-recall, straightness, endpoint drift."""
+"""Evaluation metrics: Frechet distances (FID / proxy / pixel), precision-recall, nearest neighbours, straightness,
+endpoint drift."""
 
 from lmm.metrics.features import (
                                   EXTRACTORS,
@@ -9,7 +10,7 @@ from lmm.metrics.features import (
                                   get_extractor,
 )
 from lmm.metrics.frechet import FeatureStats, frechet_distance, frechet_distance_stats
-from lmm.metrics.prdc import knn_radii, precision_recall, subset_indices
+from lmm.metrics.prdc import knn_radii, nearest_rows, precision_recall, subset_indices
 from lmm.metrics.reference import (
                                   compute_stats,
                                   hash_images,
@@ -21,5 +22,5 @@ from lmm.metrics.straightness import endpoint_consistency, endpoint_spread, stra
 
 __all__ = ["EXTRACTORS", "FeatureExtractor", "FeatureStats", "InceptionFeatures", "PixelFeatures", "ProxyFeatures",
            "compute_stats", "endpoint_consistency", "endpoint_spread", "frechet_distance", "frechet_distance_stats",
-           "get_extractor", "hash_images", "knn_radii", "load_stats", "precision_recall", "read_meta", "save_stats",
+           "get_extractor", "hash_images", "knn_radii", "load_stats", "nearest_rows", "precision_recall", "read_meta", "save_stats",
            "straightness", "subset_indices"]

@@ -10,7 +10,7 @@ from torch import Tensor
 def _as_f32(x: Tensor | np.ndarray, name: str) -> Tensor:
     t = torch.as_tensor(x).detach().float()
     if t.ndim != 2:
-        raise ValueError(f"precision_recall: {name} must be (N, D), got shape {tuple(t.shape)}")
+        raise ValueError(f"{name} must be (N, D), got shape {tuple(t.shape)}")
     return t
 
 
@@ -29,6 +29,24 @@ def knn_radii(feats: Tensor, k: int, max_bytes: int = 256 << 20) -> Tensor:
         d = torch.cdist(feats[i:i + step], feats)
         out[i:i + step] = d.topk(k + 1, dim=1, largest=False).values[:, k]
     return out
+
+
+def nearest_rows(queries: Tensor, bank: Tensor, k: int = 2, max_bytes: int = 256 << 20) -> tuple[Tensor, Tensor]:
+    """Euclidean distances (N, k), ascending, and indices (N, k) of the k rows of bank (M, D) nearest to each row
+    of queries (N, D): the memorisation check of a generator against its training set."""
+    queries, bank = _as_f32(queries, "nearest_rows: queries"), _as_f32(bank, "nearest_rows: bank")
+    if queries.shape[1] != bank.shape[1] or not 1 <= k <= bank.shape[0]:
+        raise ValueError(f"nearest_rows: need equal widths and 1 <= k <= M, got queries {tuple(queries.shape)}, "
+                         f"bank {tuple(bank.shape)}, k={k}")
+    dist, index = [], []
+    step = _rows_per_chunk(bank.shape[0], max_bytes)
+    for i in range(0, queries.shape[0], step):
+        q = queries[i:i + step]
+        j = torch.cdist(q, bank).topk(k, dim=1, largest=False).indices
+        d, order = (q[:, None] - bank[j]).norm(dim=2).sort(dim=1)  # exact: cdist's matmul form loses ~1e-3 near 0
+        dist.append(d)
+        index.append(j.gather(1, order))
+    return torch.cat(dist), torch.cat(index)
 
 
 def subset_indices(n: int, m: int, seed: int) -> Tensor:
@@ -61,8 +79,8 @@ def precision_recall(real_feats: Tensor | np.ndarray, fake_feats: Tensor | np.nd
     (float32, torch.cdist) are computed in row chunks of at most ``max_bytes``. ``real_radii``
     (N,): ``knn_radii(real_feats, k)`` when already known (it does not depend on the fakes).
     """
-    real = _as_f32(real_feats, "real_feats")
-    fake = _as_f32(fake_feats, "fake_feats")
+    real = _as_f32(real_feats, "precision_recall: real_feats")
+    fake = _as_f32(fake_feats, "precision_recall: fake_feats")
     if real.shape[1] != fake.shape[1]:
         raise ValueError(f"precision_recall: real dim {real.shape[1]} != fake dim {fake.shape[1]}")
     if device is not None:
