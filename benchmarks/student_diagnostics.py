@@ -12,8 +12,8 @@ For a trained student RUN/student whose loss has an adversarial term (its discri
   a PNG of the 8 generated images nearest the training set above their two nearest training images;
 - a grid of the first 64 samples.
 
-    python benchmarks/student_diagnostics.py --run runs/fm_cond_big -c configs/fashion_mnist.toml \\
-        data.conditional=true [-n 2000] [--nfe 1] [--every 500] [--out DIR]
+    python benchmarks/student_diagnostics.py --run runs/fashion_mnist_cond -c configs/fashion_mnist_cond.toml \\
+        [-n 2000] [--nfe 1] [--every 500] [--out DIR]
 """
 from __future__ import annotations
 
