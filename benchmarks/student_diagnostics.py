@@ -107,8 +107,10 @@ def main() -> None:
     data = load_data({**cfg, "data": {**cfg["data"], "split": split}})
     n = min(args.n, len(data))
     idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(cfg["eval"]["seed"]))[:n]
-    real = torch.as_tensor(np.asarray(data.uint8_nhwc()[np.sort(idx.numpy())])).permute(0, 3, 1, 2).float() / 127.5 - 1
-    real_y = None if not ncls else data.y[np.sort(idx.numpy())]
+    keep = np.sort(idx.numpy())
+    real_u8 = np.asarray(data.uint8_nhwc()[keep])
+    real = torch.from_numpy(real_u8).permute(0, 3, 1, 2).float() / 127.5 - 1
+    real_y = None if not ncls else data.y[keep]
     fake = sample(model, n, seed=cfg["eval"]["seed"], batch_size=500, nfe=args.nfe)
     fake_x = torch.from_numpy(fake["images"]).permute(0, 3, 1, 2).float() / 127.5 - 1
     fake_y = None if fake["labels"] is None else torch.from_numpy(fake["labels"])
@@ -124,8 +126,7 @@ def main() -> None:
             "hinge": float(torch.relu(1 - r).mean() + torch.relu(1 + f).mean())}
     memo = None
     if split != cfg["data"]["split"]:
-        memo = memorisation(fake["images"], data.uint8_nhwc()[np.sort(idx.numpy())], load_data(cfg).uint8_nhwc(),
-                            out / f"nearest_nfe{args.nfe}.png")
+        memo = memorisation(fake["images"], real_u8, load_data(cfg).uint8_nhwc(), out / f"nearest_nfe{args.nfe}.png")
     rows = curves(student_dir / "log.jsonl", args.every)
     result = {"run": str(args.run), "checkpoint": ckpt.name, "n": n, "nfe": args.nfe, "discriminator": scores,
               "memorisation": memo, "curves": rows}
@@ -143,8 +144,8 @@ def main() -> None:
     if memo is None:
         print(f"\nmemorisation: not measured (the held-out split {split!r} is the training split)")
     else:
-        print(f"\nPixel distance to the nearest of {memo['train_images']} training images ({cfg['data']['split']} split, "
-              f"pixels in [-1, 1]); held out: {n} images of the {split} split")
+        print(f"\nPixel distance to the nearest of {memo['train_images']} training images "
+              f"({cfg['data']['split']} split, pixels in [-1, 1]); held out: {n} images of the {split} split")
         print("| images | median | 1st percentile | near copies (nearest < 1/3 of second nearest) |\n|---|---|---|---|")
         for name in ("generated", "held_out"):
             m = memo[name]

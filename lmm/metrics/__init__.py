@@ -22,5 +22,5 @@ from lmm.metrics.straightness import endpoint_consistency, endpoint_spread, stra
 
 __all__ = ["EXTRACTORS", "FeatureExtractor", "FeatureStats", "InceptionFeatures", "PixelFeatures", "ProxyFeatures",
            "compute_stats", "endpoint_consistency", "endpoint_spread", "frechet_distance", "frechet_distance_stats",
-           "get_extractor", "hash_images", "knn_radii", "load_stats", "nearest_rows", "precision_recall", "read_meta", "save_stats",
-           "straightness", "subset_indices"]
+           "get_extractor", "hash_images", "knn_radii", "load_stats", "nearest_rows", "precision_recall", "read_meta",
+           "save_stats", "straightness", "subset_indices"]
